@@ -1,0 +1,94 @@
+"""Config: presets load, overrides apply, and bad values fail before any work with a clear message."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from echocare_dist.config import ConfigError, load_config, save_resolved, swin_layout
+
+PRESETS = ["tiny_cpu", "echocare_swin_l", "echocare_swin_l_p4", "echocare_swin_b"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_and_validate(name):
+    cfg = load_config(name)
+    assert cfg.name == name
+    assert cfg.model.img_size % cfg.mask.mask_patch_size == 0
+
+
+def test_paper_presets_follow_the_report():
+    l2, l4, b = (load_config(n) for n in ("echocare_swin_l", "echocare_swin_l_p4", "echocare_swin_b"))
+    assert (l2.model.patch_size, l4.model.patch_size) == (2, 4)
+    assert swin_layout(l2.model)["embed_dim"] == 192 and swin_layout(b.model)["embed_dim"] == 128
+    assert l2.model.img_size == 256 and l2.model.window_size == 8
+    assert l2.mask.mask_ratio == 0.5 and l2.mask.mask_patch_size == 32
+    assert l2.train.micro_batch * 8 == 256  # global batch 256 on one 8-GPU node
+    assert l2.optim.lr == 1e-4 and l2.optim.warmup_steps == 10000 and l2.train.steps == 1_000_000
+    assert l2.optim.betas == (0.9, 0.999) and l2.optim.grad_clip == 5.0
+    # inheritance: p4 only changes what it states
+    assert l4.optim == l2.optim and l4.mask == l2.mask
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny_cpu", ["train.steps=7", "optim.betas=[0.8, 0.9]", "tracking.enabled=false",
+                                   "model.decoder=linear", "optim.lr=3e-4"])
+    assert cfg.train.steps == 7 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.tracking.enabled is False and cfg.model.decoder == "linear"
+    assert cfg.optim.lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.nope=1", "'model.nope'"),
+    ("train.steps=many", "train.steps: expected an integer, got 'many'"),
+    ("model.decoder=fancy", "model.decoder: value 'fancy' is not one of"),
+    ("model.img_size=72", "not divisible by mask.mask_patch_size"),
+    ("mask.mask_patch_size=1", "not divisible by model.patch_size"),
+    ("model.window_size=5", "does not divide the stage-0 grid"),
+    ("train.zero_stage=4", "train.zero_stage must be 0..3"),
+    ("mask.mask_ratio=1.5", "mask.mask_ratio must be in [0, 1]"),
+    ("tracking.enabled=yes please", "tracking.enabled: expected true/false"),
+    ("model.arch=resnet50", "model.arch='resnet50' is not one of"),
+    ("train=3", "train: expected a mapping"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny_cpu", [override])
+    assert message in str(info.value)
+
+
+def test_window_must_divide_paper_grids():
+    # patch 2 at 256 gives grids 128/64/32/16: window 8 works, window 12 does not
+    load_config("echocare_swin_l", ["model.window_size=8"])
+    with pytest.raises(ConfigError, match="window_size=12"):
+        load_config("echocare_swin_l", ["model.window_size=12"])
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="tiny_cpu"):
+        load_config("does_not_exist")
+
+
+def test_bad_yaml_file_is_named(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_config(str(p))
+
+
+def test_base_chain_and_cycle(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text(f"base: {load_config.__module__ and ''}d.yaml\ntrain:\n  steps: 5\n")
+    (tmp_path / "d.yaml").write_text("name: d\ntrain:\n  steps: 9\n  micro_batch: 3\n")
+    cfg = load_config(str(tmp_path / "c.yaml"))
+    assert (cfg.name, cfg.train.steps, cfg.train.micro_batch) == ("d", 5, 3)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("tiny_cpu", ["train.steps=11"])
+    path = save_resolved(cfg, tmp_path)
+    again = load_config(str(path))
+    assert again == cfg
+    assert yaml.safe_load(path.read_text())["train"]["steps"] == 11
