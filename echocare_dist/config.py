@@ -42,6 +42,8 @@ class CurationConfig:
     min_nonzero: int = 1000           # drop frames with fewer non-zero pixels after cropping
     dark_threshold: int = 12          # gray level under which a pixel counts as background for the crop
     crop_margin: int = 2              # pixels kept around the detected ultrasound content
+    crop_component_fraction: float = 0.1  # bright blobs smaller than this share of the largest are text/markers
+    crop_blank_outside: bool = True   # zero what lies inside the crop box but outside the content (corner text)
     max_side: int = 1024              # larger frames are downscaled (keeps shards lean); 0 = never
     near_dedup: bool = False          # perceptual-hash near-duplicate removal
     near_dedup_similarity: float = 0.95
@@ -50,18 +52,29 @@ class CurationConfig:
     shard_max_bytes: int = 256 * 1024 * 1024
     workers: int = 2
     seed: int = 0
+    chunk_files: int = 64             # files per staged work unit (the granularity of resume after a crash)
+    staging_dir: str = ""             # where decoded JPEGs are spilled before sharding; "" = {out}/.staging
 
 
 @dataclass
 class SynthConfig:
     """Synthetic B-mode data for tests and the demo (never a replacement for real data)."""
-    num_images: int = 120
-    num_videos: int = 2
+    num_images: int = 120             # still image files, the special cases below included
+    num_videos: int = 2               # clips, alternately mp4 (cardiac, RGB) and avi (lung, gray)
     video_frames: int = 30
-    num_dicom: int = 1
+    video_fps: float = 25.0
+    num_dicom: int = 1                # multi-frame DICOM cine loops
     dicom_frames: int = 20
-    min_size: int = 180
+    num_dicom_single: int = 1         # single-frame (RGB) DICOM images
+    min_size: int = 180               # both sides of every image lie in [min_size, max_size]
     max_size: int = 640
+    jpeg_quality: int = 90
+    # Shares of num_images that exercise the shard builder's rejection paths; each kind that is
+    # > 0 gets at least one file of each of its variants.
+    near_empty_fraction: float = 0.03     # < 1000 non-zero pixels
+    duplicate_fraction: float = 0.03      # exact pixel duplicates (byte copy, PNG re-save, BMP export)
+    near_duplicate_fraction: float = 0.02  # tiny noise / brightness change of another image
+    corrupt_fraction: float = 0.03        # truncated JPEG / PNG, garbage bytes
     seed: int = 0
 
 
@@ -96,6 +109,8 @@ class DataConfig:
     prefetch: int = 2
     shuffle_buffer: int = 256          # shards are shuffled globally on write; this is extra local mixing
     seed: int = 0
+    use_mmap: bool = False             # mmap the tars (local disks); plain reads survive truncated files on network FS
+    max_quarantine_fraction: float = 0.1  # stop the run when more shards than this are damaged (systematic fault)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -133,6 +148,7 @@ class OptimConfig:
     warmup_steps: int = 10000
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = 5.0
+    fused: bool = True                 # torch's fused AdamW when the optimizer state lives on a GPU
 
 
 @dataclass
@@ -152,8 +168,12 @@ class TrainConfig:
     resume: str = "auto"               # "auto" | "none" | path to a checkpoint dir
     preempt_signals: tuple = ("SIGTERM", "SIGUSR1")
     requeue_exit_code: int = 124       # documented: trainer exits with this after a preemption checkpoint
-    offload_optimizer: bool = False
+    offload_optimizer: bool = False    # ZeRO-Offload of optimizer state to CPU (needs zero_stage >= 1)
     dist_timeout_s: int = 1800
+    overlap_comm: bool = True          # overlap gradient reduction with backward (GPU only)
+    reduce_bucket_size: int = 500_000_000
+    peak_tflops: float = 0.0           # per device for MFU; 0 = GPU spec table, or measured on CPU
+    universal_workers: int = 2         # processes for the world-size-change checkpoint conversion
 
 
 @dataclass
@@ -162,6 +182,7 @@ class TrackingConfig:
     uri: str = ""                      # empty -> $MLFLOW_TRACKING_URI, else sqlite under run_dir
     experiment: str = "echocare-pretrain"
     run_name: str = ""
+    image_rows: int = 4                # images per reconstruction grid (input/masked/recon/target)
 
 
 @dataclass
@@ -460,6 +481,31 @@ def validate(cfg: Config) -> Config:
     _require(o.eps > 0, f"optim.eps must be positive, got {o.eps}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+    _require(not t.offload_optimizer or t.zero_stage >= 1,
+             f"train.offload_optimizer=true needs train.zero_stage >= 1, got {t.zero_stage}")
+    _require(t.requeue_exit_code not in (0, 1) and 0 < t.requeue_exit_code < 256,
+             f"train.requeue_exit_code must be in 2..255 (0/1 mean success/crash), got {t.requeue_exit_code}")
+    _require(t.resume in ("auto", "none") or bool(t.resume.strip()),
+             f"train.resume must be 'auto', 'none' or a checkpoint directory, got {t.resume!r}")
+    import signal as _signal
+    for name in t.preempt_signals:
+        _require(isinstance(name, str) and name in _signal.Signals.__members__,
+                 f"train.preempt_signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+    _require(t.peak_tflops >= 0, f"train.peak_tflops must be >= 0, got {t.peak_tflops}")
+    _require(t.universal_workers >= 1, f"train.universal_workers must be >= 1, got {t.universal_workers}")
+    _require(cfg.tracking.image_rows >= 1, f"tracking.image_rows must be >= 1, got {cfg.tracking.image_rows}")
+    d = cfg.data
+    _require(d.num_threads >= 0, f"data.num_threads must be >= 0 (0 = fallback loader in-process), got {d.num_threads}")
+    _require(d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}")
+    _require(0.0 <= d.hw_decoder_load <= 1.0, f"data.hw_decoder_load must be in [0, 1], got {d.hw_decoder_load}")
+    _require(d.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}")
+    _require(0.0 <= d.max_quarantine_fraction <= 1.0,
+             f"data.max_quarantine_fraction must be in [0, 1], got {d.max_quarantine_fraction}")
+    _require(d.augment.norm_std > 0, f"data.augment.norm_std must be positive, got {d.augment.norm_std}")
+    _require(0.0 <= d.augment.brightness < 1.0 and 0.0 <= d.augment.contrast < 1.0,
+             f"data.augment.brightness/contrast must be in [0, 1), got {d.augment.brightness}/{d.augment.contrast}")
+    _require(len(d.augment.rrc_ratio) == 2 and 0 < d.augment.rrc_ratio[0] <= d.augment.rrc_ratio[1],
+             f"data.augment.rrc_ratio must be [lo, hi] with 0 < lo <= hi, got {list(d.augment.rrc_ratio)}")
     a = cfg.data.augment
     for k in ("rrc_prob", "hflip_prob", "vflip_prob", "jitter_prob"):
         v = getattr(a, k)
@@ -473,7 +519,26 @@ def validate(cfg: Config) -> Config:
              f"curation.near_dedup_similarity must be in (0, 1], got {c.near_dedup_similarity}")
     _require(c.shard_max_samples > 0, f"curation.shard_max_samples must be positive, got {c.shard_max_samples}")
     _require(c.workers >= 1, f"curation.workers must be >= 1, got {c.workers}")
+    _require(c.shard_max_bytes > 0, f"curation.shard_max_bytes must be positive, got {c.shard_max_bytes}")
+    _require(c.chunk_files >= 1, f"curation.chunk_files must be >= 1, got {c.chunk_files}")
+    _require(0 <= c.dark_threshold < 255, f"curation.dark_threshold must be in [0, 255), got {c.dark_threshold}")
+    _require(c.crop_margin >= 0, f"curation.crop_margin must be >= 0, got {c.crop_margin}")
+    _require(0.0 < c.crop_component_fraction <= 1.0,
+             f"curation.crop_component_fraction must be in (0, 1], got {c.crop_component_fraction}")
+    _require(c.max_side >= 0, f"curation.max_side must be >= 0 (0 = never downscale), got {c.max_side}")
+    _require(c.min_nonzero >= 0, f"curation.min_nonzero must be >= 0, got {c.min_nonzero}")
     _require(cfg.loss.hie_weight >= 0, f"loss.hie_weight must be >= 0, got {cfg.loss.hie_weight}")
+    sy = cfg.synth
+    _require(96 <= sy.min_size <= sy.max_size <= 8192,
+             f"synth.min_size/max_size must satisfy 96 <= min_size <= max_size <= 8192, got {sy.min_size}/{sy.max_size}")
+    for k in ("num_images", "num_videos", "num_dicom", "num_dicom_single"):
+        _require(getattr(sy, k) >= 0, f"synth.{k} must be >= 0, got {getattr(sy, k)}")
+    for k in ("video_frames", "dicom_frames"):
+        _require(getattr(sy, k) >= 1, f"synth.{k} must be >= 1, got {getattr(sy, k)}")
+    _require(sy.video_fps > 0, f"synth.video_fps must be positive, got {sy.video_fps}")
+    _require(1 <= sy.jpeg_quality <= 100, f"synth.jpeg_quality must be 1..100, got {sy.jpeg_quality}")
+    for k in ("near_empty_fraction", "duplicate_fraction", "near_duplicate_fraction", "corrupt_fraction"):
+        _require(0.0 <= getattr(sy, k) <= 0.5, f"synth.{k} must be in [0, 0.5], got {getattr(sy, k)}")
     return cfg
 
 

@@ -144,3 +144,30 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_dali_index(idx_path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Parse an index written by `write_dali_index` / `wds2idx`: [(key, {ext: (offset, size)})]."""
+    lines = Path(idx_path).read_text().splitlines()
+    if not lines:
+        raise ValueError(f"{idx_path}: empty index")
+    head = lines[0].split()
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise ValueError(f"{idx_path}: bad header {lines[0]!r} (expected '{INDEX_VERSION} <count>')")
+    body = [ln for ln in lines[1:] if ln.strip()]
+    if len(body) != int(head[1]):
+        raise ValueError(f"{idx_path}: header says {head[1]} samples, found {len(body)} lines")
+    samples = []
+    for n, line in enumerate(body, start=2):
+        tok = line.split()
+        if len(tok) % 4:
+            raise ValueError(f"{idx_path}:{n}: expected groups of 'ext offset size name', got {line!r}")
+        comps, key = {}, None
+        for ext, off, size, name in zip(tok[0::4], tok[1::4], tok[2::4], tok[3::4]):
+            base, _ = split_name(name)
+            if key is not None and base != key:
+                raise ValueError(f"{idx_path}:{n}: components of different samples on one line")
+            key = base
+            comps[ext] = (int(off), int(size))
+        samples.append((key, comps))
+    return samples

@@ -1,0 +1,455 @@
+"""`build_shards`: label mappings -> shuffled, deduplicated WebDataset shards + manifest (SPEC 6).
+
+Three stages, each restartable:
+1. stage (parallel, see stage.py): decode, crop, filter, hash, JPEG-encode every file; results
+   spill to the staging folder in chunks.
+2. plan (main process, metadata only): exact dedupe by pixel hash (first in file order wins),
+   optional near-dedupe by perceptual hash, counts, a seeded global shuffle, and the cut into
+   shards by `shard_max_samples` / `shard_max_bytes`.
+3. write: each shard is written to a temporary name, indexed, then renamed (tario.ShardWriter);
+   a record with its sha256 goes to the staging folder. A rerun skips a shard only if its record
+   matches the plan and the tar's and index's sha256 match the record.
+The manifest is written last and is the commit point: it is deleted when a build starts, so a
+directory with a manifest always holds exactly the shards it lists. After success the staging
+folder is removed; running the same build again finds the manifest up to date and returns it.
+
+Everything is deterministic (sorted discovery, ordered planning, seeded shuffle, fixed tar
+mtimes), so a build that crashed and was resumed is byte-identical to a clean one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import _fsync_dir, atomic_write_json
+from ..config import Config, save_resolved
+from ..ontology import Ontology
+from .mapping import Source, load_mappings
+from .media import discover
+from .neardup import NearDuplicateIndex
+from .preprocess import FrameParams
+from .stage import ChunkTask, FileTask, init_worker, stage_chunk
+from .tario import ShardWriter, file_sha256
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+STAGING_NAME = ".staging"
+SHARD_RE = re.compile(r"^shard-(\d{6})\.(tar|idx)$")
+REJECT_REASONS = ("corrupt", "too_few_pixels", "duplicate", "near_duplicate")
+TAR_BLOCK, TAR_RECORD = 512, 10240
+
+
+class CurationError(RuntimeError):
+    pass
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+def keys_digest(keys: list[str]) -> str:
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# discovery -> chunk tasks
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Inputs:
+    sources: list[Source]
+    files: list[FileTask]
+    ignored: list[str]
+    chunks: list[ChunkTask]
+    source_files: dict[str, int] = field(default_factory=dict)
+
+
+def collect_inputs(sources: list[Source], cfg: Config, ontology: Ontology, staging: Path,
+                   exclude: tuple[Path, ...]) -> Inputs:
+    c = cfg.curation
+    files: list[FileTask] = []
+    ignored: list[str] = []
+    source_files: dict[str, int] = {}
+    for src in sources:
+        media, skipped = discover(src.root, exclude=exclude)
+        ignored += skipped
+        source_files[src.name] = len(media)
+        stride = src.frame_stride or c.frame_stride
+        for m in media:
+            files.append(FileTask(len(files), src.name, str(m.path), m.relpath, m.kind, stride,
+                                  src.labels_for(m.relpath), src.device, m.size, m.mtime_ns))
+    vectors = {labels: ontology.label_vector(labels).tobytes() for labels in {f.labels for f in files}}
+    params = FrameParams.from_config(c)
+    chunks = []
+    for start in range(0, len(files), c.chunk_files):
+        part = tuple(files[start:start + c.chunk_files])
+        chunks.append(ChunkTask(len(chunks), part, params, ontology.hash,
+                                {f.labels: vectors[f.labels] for f in part}, str(staging / "chunks")))
+    return Inputs(sources, files, ignored, chunks, source_files)
+
+
+def build_fingerprint(inputs: Inputs, cfg: Config, ontology: Ontology) -> str:
+    c = cfg.curation
+    blob = json.dumps({"format": MANIFEST_FORMAT, "ontology": ontology.hash,
+                       "chunks": [t.digest for t in inputs.chunks],
+                       "plan": [c.near_dedup, c.near_dedup_similarity, c.seed, c.shard_max_samples,
+                                c.shard_max_bytes]}, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1
+# ---------------------------------------------------------------------------------------------
+def _progress(total: int, desc: str, unit: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+
+
+def stage_all(chunks: list[ChunkTask], workers: int, progress: bool) -> None:
+    todo = [t for t in chunks if not t.is_done()]
+    total = sum(len(t.files) for t in chunks)
+    with _progress(total, "curate", "file", progress) as bar:
+        bar.update(total - sum(len(t.files) for t in todo))
+        if workers <= 1 or len(todo) <= 1:
+            import cv2
+            threads = cv2.getNumThreads()
+            cv2.setNumThreads(1)  # same per-worker budget as the pool (and honest 1-worker benchmarks)
+            try:
+                for task in todo:
+                    bar.update(stage_chunk(task)[0])
+            finally:
+                cv2.setNumThreads(threads)
+            return
+        # Bounded in-flight window: the queue of pending tasks never holds the whole file list.
+        # spawn, not fork: the caller may hold threads (DALI, torch) that a fork would copy mid-lock.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                 initializer=init_worker) as pool:
+            inflight: dict = {}
+            queue = iter(todo)
+            for task in queue:
+                inflight[pool.submit(stage_chunk, task)] = task
+                if len(inflight) >= 4 * workers:
+                    break
+            while inflight:
+                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    try:
+                        bar.update(fut.result()[0])
+                    except BrokenProcessPool as exc:
+                        suspects = [f.path for t in inflight.values() for f in t.files]
+                        raise CurationError(
+                            f"a curation worker died (a decoder crashed or ran out of memory) on one of "
+                            f"{len(suspects)} files: {suspects[:8]}{' ...' if len(suspects) > 8 else ''}; "
+                            f"move the culprit away and rerun (finished chunks are kept)") from exc
+                    del inflight[fut]
+                    nxt = next(queue, None)
+                    if nxt is not None:
+                        inflight[pool.submit(stage_chunk, nxt)] = nxt
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: plan
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    keys: np.ndarray            # uint64 per staged sample
+    chunk: np.ndarray           # int32
+    offset: np.ndarray          # int64
+    lengths: np.ndarray         # int32 (N, 3): jpg, lbl, json
+    file_id: np.ndarray         # int64
+    frame: list
+    shards: list[np.ndarray]    # staged-sample indices per shard, in shard order
+    rejected: dict
+    per_source: dict
+    per_node: dict
+    source_detail: list
+
+
+def _sample_ref(inputs: Inputs, file_id: int, frame) -> dict:
+    return {"path": inputs.files[file_id].path, "frame": frame}
+
+
+def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
+    c = cfg.curation
+    keys, phashes, chunk, offset, lengths, file_id, frame = [], [], [], [], [], [], []
+    rejected = {r: [] for r in REJECT_REASONS}
+    rejected_per_source: dict[str, int] = {s.name: 0 for s in inputs.sources}
+    for t in inputs.chunks:
+        meta = json.loads(t.meta_path.read_text())
+        for fe in meta["files"]:
+            fid = fe["id"]
+            for key, ph, off, lj, ll, ls, fr in fe["samples"]:
+                keys.append(int(key, 16))
+                phashes.append(int(ph, 16))
+                chunk.append(t.index)
+                offset.append(off)
+                lengths.append((lj, ll, ls))
+                file_id.append(fid)
+                frame.append(fr)
+            for reason, fr, detail in fe["rejected"]:
+                item = _sample_ref(inputs, fid, fr)
+                item["error" if reason == "corrupt" else "detail"] = detail
+                rejected[reason].append(item)
+                rejected_per_source[inputs.files[fid].source] += 1
+    n = len(keys)
+    keys_a = np.asarray(keys, dtype=np.uint64)
+    file_a = np.asarray(file_id, dtype=np.int64)
+
+    # Exact duplicates: the first occurrence in (sorted) file order is kept.
+    keep = np.zeros(n, dtype=bool)
+    if n:
+        _, first, inverse = np.unique(keys_a, return_index=True, return_inverse=True)
+        first_of = first[inverse.ravel()]
+        keep = first_of == np.arange(n)
+        for i in np.flatnonzero(~keep):
+            j = int(first_of[i])
+            item = _sample_ref(inputs, int(file_a[i]), frame[i])
+            item["of"] = {"key": f"{keys[j]:016x}", **_sample_ref(inputs, int(file_a[j]), frame[j])}
+            rejected["duplicate"].append(item)
+            rejected_per_source[inputs.files[int(file_a[i])].source] += 1
+    if c.near_dedup:
+        index = NearDuplicateIndex(c.near_dedup_similarity)
+        for i in np.flatnonzero(keep):
+            j = index.add(phashes[i], int(i))
+            if j is not None:
+                keep[i] = False
+                item = _sample_ref(inputs, int(file_a[i]), frame[i])
+                item["of"] = {"key": f"{keys[j]:016x}", **_sample_ref(inputs, int(file_a[j]), frame[j])}
+                rejected["near_duplicate"].append(item)
+                rejected_per_source[inputs.files[int(file_a[i])].source] += 1
+
+    kept = np.flatnonzero(keep)
+    per_source = {s.name: 0 for s in inputs.sources}
+    label_counts: dict[tuple, int] = {}
+    for fid in file_a[kept]:
+        f = inputs.files[int(fid)]
+        per_source[f.source] += 1
+        label_counts[f.labels] = label_counts.get(f.labels, 0) + 1
+    positives = np.zeros(len(ontology), dtype=np.int64)
+    for labels, count in label_counts.items():
+        positives += (ontology.label_vector(labels) == 1).astype(np.int64) * count
+    per_node = {name: int(v) for name, v in zip(ontology.names, positives)}
+
+    lengths_a = np.asarray(lengths, dtype=np.int64).reshape(-1, 3)
+    order = kept[np.random.default_rng(c.seed).permutation(len(kept))]
+    shards = _cut(order, lengths_a, c.shard_max_samples, c.shard_max_bytes)
+
+    source_detail = [{"name": s.name, "root": str(s.root), "mapping": str(s.mapping), "device": s.device,
+                      "frame_stride": s.frame_stride or c.frame_stride, "labels": list(s.labels),
+                      "files": inputs.source_files[s.name], "samples": per_source[s.name],
+                      "rejected": rejected_per_source[s.name]} for s in inputs.sources]
+    rejected_out = {}
+    for reason, items in rejected.items():
+        rejected_out[reason] = {"count": len(items), "paths": list(dict.fromkeys(i["path"] for i in items)),
+                                "details": items}
+    return Plan(keys_a, np.asarray(chunk, dtype=np.int32), np.asarray(offset, dtype=np.int64), lengths_a,
+                file_a, frame, shards, rejected_out, per_source, per_node, source_detail)
+
+
+def tar_member_bytes(size: np.ndarray | int):
+    return TAR_BLOCK + (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
+
+
+def _cut(order: np.ndarray, lengths: np.ndarray, max_samples: int, max_bytes: int) -> list[np.ndarray]:
+    """Consecutive runs of the shuffled order, each within both limits (a sample larger than the
+    byte limit gets a shard of its own rather than failing the build)."""
+    sample_bytes = tar_member_bytes(lengths).sum(1) if len(lengths) else np.zeros(0, np.int64)
+    shards, start, used = [], 0, 0
+    end_blocks = 2 * TAR_BLOCK
+    for pos, i in enumerate(order):
+        b = int(sample_bytes[i])
+        total = -(-(used + b + end_blocks) // TAR_RECORD) * TAR_RECORD
+        if pos > start and (pos - start >= max_samples or total > max_bytes):
+            shards.append(order[start:pos])
+            start, used = pos, 0
+        used += b
+    if len(order) > start:
+        shards.append(order[start:])
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 3: write
+# ---------------------------------------------------------------------------------------------
+class _BinReader:
+    """pread from the staged chunk files, keeping a few of them open."""
+
+    def __init__(self, chunks: list[ChunkTask], max_open: int = 64):
+        self.chunks, self.max_open = chunks, max_open
+        self.fds: OrderedDict[int, int] = OrderedDict()
+
+    def read(self, chunk: int, offset: int, length: int) -> bytes:
+        fd = self.fds.pop(chunk, None)
+        if fd is None:
+            fd = os.open(self.chunks[chunk].bin_path, os.O_RDONLY)
+            if len(self.fds) >= self.max_open:
+                os.close(self.fds.popitem(last=False)[1])
+        self.fds[chunk] = fd
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise CurationError(f"staged chunk {self.chunks[chunk].bin_path} is truncated")
+        return data
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _shard_record_ok(record_path: Path, tar: Path, planned: dict) -> dict | None:
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if any(record.get(k) != v for k, v in planned.items()):
+        return None
+    idx = tar.with_suffix(".idx")
+    if not tar.is_file() or not idx.is_file() or tar.stat().st_size != record.get("bytes"):
+        return None
+    if file_sha256(tar) != record.get("sha256") or file_sha256(idx) != record.get("idx_sha256"):
+        return None
+    return record
+
+
+def write_shard(path: Path, members: np.ndarray, plan: Plan, reader: _BinReader) -> dict:
+    """Write one shard atomically (tar + DALI index); returns its record."""
+    keys = [f"{int(plan.keys[i]):016x}" for i in members]
+    with ShardWriter(path) as writer:
+        for key, i in zip(keys, members):
+            lj, ll, ls = (int(x) for x in plan.lengths[i])
+            blob = reader.read(int(plan.chunk[i]), int(plan.offset[i]), lj + ll + ls)
+            writer.write(key, {"jpg": blob[:lj], "lbl": blob[lj:lj + ll], "json": blob[lj + ll:]})
+    info = writer.info
+    return {"name": info.name, "samples": info.samples, "bytes": info.bytes, "sha256": info.sha256,
+            "keys_sha256": keys_digest(keys), "idx_sha256": file_sha256(path.with_suffix(".idx"))}
+
+
+def write_all(plan: Plan, chunks: list[ChunkTask], out_dir: Path, staging: Path, progress: bool) -> list[dict]:
+    records_dir = staging / "shards"
+    records_dir.mkdir(parents=True, exist_ok=True)
+    reader = _BinReader(chunks)
+    records = []
+    try:
+        with _progress(len(plan.shards), "write", "shard", progress) as bar:
+            for i, members in enumerate(plan.shards):
+                path = out_dir / shard_name(i)
+                planned = {"name": path.name, "samples": int(len(members)),
+                           "keys_sha256": keys_digest([f"{int(plan.keys[j]):016x}" for j in members])}
+                record_path = records_dir / f"{path.stem}.json"
+                record = _shard_record_ok(record_path, path, planned)
+                if record is None:
+                    record = write_shard(path, members, plan, reader)
+                    atomic_write_json(record_path, record)
+                records.append(record)
+                bar.update(1)
+    finally:
+        reader.close()
+    return records
+
+
+def _remove_leftovers(out_dir: Path, num_shards: int | None) -> None:
+    """Temporary files of interrupted writes and, once the shard count is known, shards beyond it."""
+    for entry in out_dir.iterdir():
+        name = entry.name
+        if name.startswith(".shard-") and (name.endswith(".partial") or name.endswith(".tmp")):
+            entry.unlink(missing_ok=True)
+        elif name.startswith(f".{MANIFEST}.") and name.endswith(".tmp"):
+            entry.unlink(missing_ok=True)
+        elif num_shards is not None:
+            m = SHARD_RE.match(name)
+            if m and int(m.group(1)) >= num_shards:
+                entry.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest
+# ---------------------------------------------------------------------------------------------
+def read_manifest(shard_dir: str | os.PathLike) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise CurationError(f"{path}: cannot read the shard manifest ({exc.strerror}); "
+                            f"was the build finished?") from exc
+    except ValueError as exc:
+        raise CurationError(f"{path}: invalid JSON: {exc}") from exc
+
+
+def _manifest_up_to_date(out_dir: Path, fingerprint: str) -> dict | None:
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("fingerprint") != fingerprint:
+        return None
+    for s in manifest.get("shards", []):
+        tar = out_dir / s["name"]
+        if (not tar.is_file() or not tar.with_suffix(".idx").is_file() or tar.stat().st_size != s["bytes"]
+                or file_sha256(tar) != s["sha256"]):
+            return None
+    return manifest
+
+
+def build_shards(mappings: list[Path], out_dir: Path, cfg: Config, ontology: Ontology,
+                 progress: bool = True) -> dict:
+    """Build (or finish, or confirm) the shards of `mappings` in `out_dir`; returns the manifest."""
+    c = cfg.curation
+    sources = load_mappings([Path(m) for m in mappings], ontology)  # all checks before any work
+    out_dir = Path(out_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(c.staging_dir).expanduser().resolve() if c.staging_dir else out_dir / STAGING_NAME
+    inputs = collect_inputs(sources, cfg, ontology, staging, exclude=(out_dir, staging))
+    fingerprint = build_fingerprint(inputs, cfg, ontology)
+
+    manifest = _manifest_up_to_date(out_dir, fingerprint)
+    if manifest is not None:
+        log.info("%s: shards are up to date (%d samples in %d shards)", out_dir,
+                 manifest["num_samples"], len(manifest["shards"]))
+        return manifest
+    # The manifest is the commit point: from here on the directory is "being built".
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    _fsync_dir(out_dir)
+    _remove_leftovers(out_dir, None)
+
+    stage_all(inputs.chunks, c.workers, progress)
+    plan = plan_shards(inputs, cfg, ontology)
+    records = write_all(plan, inputs.chunks, out_dir, staging, progress)
+    _remove_leftovers(out_dir, len(records))
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "ontology_hash": ontology.hash,
+        "ontology_nodes": len(ontology),
+        "ontology_names": list(ontology.names),
+        "num_samples": int(sum(r["samples"] for r in records)),
+        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256", "keys_sha256")} for r in records],
+        "per_source": plan.per_source,
+        "per_node": plan.per_node,
+        "rejected": plan.rejected,
+        "sources": plan.source_detail,
+        "files": len(inputs.files),
+        "staged_samples": int(len(plan.keys)),
+        "ignored": {"count": len(inputs.ignored), "paths": inputs.ignored[:100]},
+        # What shaped the content (not how fast or where it was staged): a resumed build with
+        # other worker counts still yields an identical manifest.
+        "curation": {k: v for k, v in cfg.to_dict()["curation"].items()
+                     if k not in ("workers", "staging_dir", "chunk_files")},
+        "fingerprint": fingerprint,
+    }
+    save_resolved(cfg, out_dir)
+    atomic_write_json(out_dir / MANIFEST, manifest)
+    shutil.rmtree(staging, ignore_errors=True)
+    return manifest

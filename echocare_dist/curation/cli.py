@@ -1,0 +1,83 @@
+"""`echocare shards build | verify | inspect`."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+
+def _ontology_of(cfg):
+    from ..ontology import load_ontology
+    return load_ontology(cfg.resolve_path(cfg.ontology.path))
+
+
+def _build(args) -> int:
+    from ..cli import config_from_args
+    from . import build_shards
+    from .report import format_summary
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = config_from_args(args)
+    manifest = build_shards([Path(m) for m in args.mapping], Path(args.out), cfg, _ontology_of(cfg),
+                            progress=not args.no_progress)
+    print(f"shards in {Path(args.out).resolve()}")
+    print(format_summary(manifest))
+    if manifest["num_samples"] == 0:
+        print("echocare shards build: error: no usable sample (see 'rejected' in the manifest)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _verify(args) -> int:
+    from ..cli import config_from_args
+    from . import verify_shards
+    ontology = _ontology_of(config_from_args(args)) if args.config else None
+    report = verify_shards(Path(args.shards), ontology, workers=args.workers)
+    print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _inspect(args) -> int:
+    from ..cli import config_from_args
+    from .builder import CurationError, read_manifest
+    from .report import contact_sheet, format_summary
+    shard_dir = Path(args.shards)
+    try:
+        manifest = read_manifest(shard_dir)
+    except CurationError as exc:
+        print(f"echocare shards inspect: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(manifest, top_nodes=args.top))
+    ontology = _ontology_of(config_from_args(args)) if args.config else None
+    out = Path(args.out or "contact_sheet.png")
+    contact_sheet(shard_dir, out, num=args.num, ontology=ontology, seed=args.seed)
+    print(f"contact sheet: {out}")
+    return 0
+
+
+def register(sub) -> None:
+    from ..cli import add_config_args
+    p = sub.add_parser("shards", help="build, verify and inspect WebDataset shards")
+    ssub = p.add_subparsers(dest="shards_command", required=True)
+
+    b = ssub.add_parser("build", help="curate label-mapped sources into shuffled shards + manifest")
+    add_config_args(b)
+    b.add_argument("--mapping", "-m", action="append", required=True, metavar="YAML",
+                   help="label mapping file (repeatable)")
+    b.add_argument("--out", "-o", required=True, help="shard directory (created; reruns resume)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(func=_build)
+
+    v = ssub.add_parser("verify", help="decode every sample and check tars, indexes and manifest agree")
+    v.add_argument("shards", help="shard directory")
+    add_config_args(v, default=None)
+    v.add_argument("--workers", type=int, default=1, help="parallel processes (default: %(default)s)")
+    v.set_defaults(func=_verify)
+
+    i = ssub.add_parser("inspect", help="print the manifest summary and write a PNG contact sheet")
+    i.add_argument("shards", help="shard directory")
+    add_config_args(i, default=None)
+    i.add_argument("--out", "-o", default="contact_sheet.png", help="PNG path (default: %(default)s)")
+    i.add_argument("--num", "-n", type=int, default=16, help="samples on the sheet (default: %(default)s)")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--top", type=int, default=12, help="ontology nodes listed in the summary")
+    i.set_defaults(func=_inspect)

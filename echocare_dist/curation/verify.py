@@ -1,0 +1,237 @@
+"""`verify_shards`: prove a shard directory is what its manifest says, sample by sample.
+
+Checks, each reported as a readable problem rather than an exception:
+- the manifest lists exactly the tars on disk; sizes and sha256 match; counts add up;
+- each index is the text `wds2idx` would write for its tar, and every offset in it points at
+  the tar header of the member it names (read back from the raw bytes);
+- every sample has jpg + lbl + json; the key is 16 hex chars and unique across all shards;
+  the JPEG decodes to 8-bit grayscale of the size the provenance states; the label vector has
+  C entries in {-1, 0, 1}, and (given the ontology) equals the closure of the provenance labels;
+  the ontology hash matches everywhere;
+- per-source and per-node counts recomputed from the samples equal the manifest's.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..ontology import Ontology
+from .builder import MANIFEST, SHARD_RE, keys_digest
+from .tario import SAMPLE_EXTS, dali_index_lines, file_sha256, read_dali_index
+
+KEY_RE = re.compile(r"^[0-9a-f]{16}$")
+PROVENANCE_KEYS = ("source", "path", "frame", "labels", "width", "height", "crop", "ontology_hash")
+MANIFEST_KEYS = ("ontology_hash", "ontology_nodes", "num_samples", "shards", "per_source", "per_node", "rejected")
+MAX_PROBLEMS_PER_SHARD = 20
+
+
+class ShardVerifyError(RuntimeError):
+    pass
+
+
+@dataclass
+class VerifyReport:
+    shard_dir: Path
+    problems: list[str] = field(default_factory=list)
+    num_shards: int = 0
+    num_samples: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"{self.shard_dir}: OK ({self.num_samples} samples in {self.num_shards} shards verified)"
+        lines = [f"{self.shard_dir}: {len(self.problems)} problem(s):"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+    def raise_if_failed(self) -> "VerifyReport":
+        if not self.ok:
+            raise ShardVerifyError(self.summary())
+        return self
+
+
+def _tar_header_name_size(header: bytes) -> tuple[str, int]:
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    raw = header[124:136]
+    if raw[0] & 0x80:  # GNU base-256 size
+        size = int.from_bytes(raw[1:], "big")
+    else:
+        size = int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
+    return name, size
+
+
+def verify_shard(tar: Path, entry: dict, num_nodes: int, ontology_hash: str,
+                 ontology: Ontology | None) -> dict:
+    """Check one tar + index against its manifest entry; returns problems and what it holds."""
+    problems: list[str] = []
+    out = {"problems": problems, "keys": [], "per_source": Counter(),
+           "positives": np.zeros(num_nodes, dtype=np.int64), "samples": 0}
+    name = tar.name
+    idx = tar.with_suffix(".idx")
+    if not tar.is_file():
+        problems.append(f"{name}: missing")
+        return out
+    if not idx.is_file():
+        problems.append(f"{name}: index {idx.name} missing")
+        return out
+    size = tar.stat().st_size
+    if size != entry.get("bytes"):
+        problems.append(f"{name}: {size} bytes, manifest says {entry.get('bytes')}")
+    if file_sha256(tar) != entry.get("sha256"):
+        problems.append(f"{name}: sha256 differs from the manifest")
+    try:
+        expected_idx = "\n".join(dali_index_lines(tar)) + "\n"
+    except Exception as exc:  # noqa: BLE001 - an unreadable tar is a finding, not a crash
+        problems.append(f"{name}: cannot read as a tar: {type(exc).__name__}: {exc}")
+        return out
+    if idx.read_text() != expected_idx:
+        problems.append(f"{idx.name}: differs from the index of {name} (as wds2idx would write it)")
+    try:
+        samples = read_dali_index(idx)
+    except ValueError as exc:
+        problems.append(str(exc))
+        return out
+    out["samples"] = len(samples)
+    if len(samples) != entry.get("samples"):
+        problems.append(f"{name}: {len(samples)} samples, manifest says {entry.get('samples')}")
+    keys = [k for k, _ in samples]
+    out["keys"] = keys
+    if "keys_sha256" in entry and keys_digest(keys) != entry["keys_sha256"]:
+        problems.append(f"{name}: sample keys differ from the manifest")
+
+    def bad(msg: str) -> None:
+        if len(problems) < MAX_PROBLEMS_PER_SHARD:
+            problems.append(f"{name}: {msg}")
+        elif len(problems) == MAX_PROBLEMS_PER_SHARD:
+            problems.append(f"{name}: further problems not listed")
+
+    with open(tar, "rb") as fh:
+        for key, comps in samples:
+            if not KEY_RE.match(key or ""):
+                bad(f"key {key!r} is not 16 hex characters")
+            missing = [e for e in SAMPLE_EXTS if e not in comps]
+            if missing:
+                bad(f"sample {key} lacks {missing}")
+                continue
+            data = {}
+            for ext, (offset, length) in comps.items():
+                fh.seek(offset - 512)
+                header = fh.read(512)
+                member, member_size = _tar_header_name_size(header)
+                if member != f"{key}.{ext}" or member_size != length:
+                    bad(f"index entry {key}.{ext} at {offset} points at {member!r} ({member_size} bytes)")
+                data[ext] = fh.read(length)
+            try:
+                prov = json.loads(data["json"])
+            except ValueError as exc:
+                bad(f"sample {key}: provenance is not JSON ({exc})")
+                continue
+            missing_keys = [k for k in PROVENANCE_KEYS if k not in prov]
+            if missing_keys:
+                bad(f"sample {key}: provenance lacks {missing_keys}")
+                continue
+            if prov["ontology_hash"] != ontology_hash:
+                bad(f"sample {key}: ontology hash {prov['ontology_hash']} != {ontology_hash}")
+            img = cv2.imdecode(np.frombuffer(data["jpg"], np.uint8), cv2.IMREAD_UNCHANGED)
+            if img is None:
+                bad(f"sample {key}: JPEG does not decode")
+            elif img.ndim != 2 or img.dtype != np.uint8:
+                bad(f"sample {key}: JPEG is not 8-bit grayscale ({img.dtype}, shape {img.shape})")
+            elif (img.shape[1], img.shape[0]) != (prov["width"], prov["height"]):
+                bad(f"sample {key}: JPEG is {img.shape[1]}x{img.shape[0]}, provenance says "
+                    f"{prov['width']}x{prov['height']}")
+            lbl = np.frombuffer(data["lbl"], np.int8)
+            if lbl.size != num_nodes:
+                bad(f"sample {key}: label vector has {lbl.size} entries, the ontology {num_nodes}")
+                continue
+            if not np.isin(lbl, (-1, 0, 1)).all():
+                bad(f"sample {key}: label values outside {{-1, 0, 1}}")
+            if ontology is not None:
+                try:
+                    expected = ontology.label_vector(prov["labels"])
+                except ValueError as exc:
+                    bad(f"sample {key}: {exc}")
+                else:
+                    if not np.array_equal(expected, lbl):
+                        bad(f"sample {key}: label vector is not the closure of {prov['labels']}")
+            out["positives"] += lbl == 1
+            out["per_source"][prov["source"]] += 1
+    return out
+
+
+def _verify_shard_star(args) -> dict:
+    return verify_shard(*args)
+
+
+def verify_shards(shard_dir: Path, ontology: Ontology | None = None, workers: int = 1) -> VerifyReport:
+    """Decode and check every sample of a shard directory; never raises for what it finds."""
+    shard_dir = Path(shard_dir)
+    report = VerifyReport(shard_dir)
+    problems = report.problems
+    try:
+        manifest = json.loads((shard_dir / MANIFEST).read_text())
+    except OSError as exc:
+        problems.append(f"{MANIFEST}: cannot read ({exc.strerror}); an unfinished or interrupted build?")
+        return report
+    except ValueError as exc:
+        problems.append(f"{MANIFEST}: invalid JSON ({exc})")
+        return report
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        problems.append(f"{MANIFEST}: missing key(s) {missing}")
+        return report
+    onto_hash, num_nodes = manifest["ontology_hash"], int(manifest["ontology_nodes"])
+    if ontology is not None:
+        if ontology.hash != onto_hash:
+            problems.append(f"ontology hash {ontology.hash} of the given ontology != {onto_hash} of the shards")
+        if len(ontology) != num_nodes:
+            problems.append(f"the given ontology has {len(ontology)} nodes, the shards {num_nodes}")
+            return report
+
+    listed = [s["name"] for s in manifest["shards"]]
+    on_disk = sorted(p.name for p in shard_dir.iterdir() if SHARD_RE.match(p.name) and p.suffix == ".tar")
+    for extra in sorted(set(on_disk) - set(listed)):
+        problems.append(f"{extra}: on disk but not in the manifest")
+    jobs = [(shard_dir / s["name"], s, num_nodes, onto_hash, ontology) for s in manifest["shards"]]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            results = list(pool.map(_verify_shard_star, jobs))
+    else:
+        results = [verify_shard(*job) for job in jobs]
+
+    seen: dict[str, str] = {}
+    positives = np.zeros(num_nodes, dtype=np.int64)
+    per_source: Counter = Counter()
+    for job, res in zip(jobs, results):
+        problems += res["problems"]
+        report.num_samples += res["samples"]
+        positives += res["positives"]
+        per_source.update(res["per_source"])
+        for key in res["keys"]:
+            if key in seen:
+                problems.append(f"key {key} appears in {seen[key]} and {job[0].name}")
+            seen.setdefault(key, job[0].name)
+    report.num_shards = len(jobs)
+    if report.num_samples != manifest["num_samples"]:
+        problems.append(f"{report.num_samples} samples in the shards, manifest says {manifest['num_samples']}")
+    names = manifest.get("ontology_names") or (list(ontology.names) if ontology is not None else None)
+    if names is not None and len(names) == num_nodes:
+        recount = {n: int(v) for n, v in zip(names, positives)}
+        diff = [n for n in names if recount[n] != manifest["per_node"].get(n, 0)]
+        if diff:
+            problems.append(f"per_node counts differ from the samples for {diff[:10]}")
+    manifest_sources = {k: v for k, v in manifest["per_source"].items() if v}
+    if dict(per_source) != manifest_sources:
+        problems.append(f"per_source counts {dict(per_source)} differ from the manifest {manifest_sources}")
+    return report

@@ -1,0 +1,266 @@
+"""DALI loader: webdataset reader -> JPEG decode (GPU "mixed" or CPU) -> SPEC 5 augmentation.
+
+One pipeline definition; `data.device` picks where decoding and augmentation run ("auto": the GPU
+when the training device is CUDA). One pipeline per epoch (built in ~1 s, nothing next to an
+epoch): the plan in shards.py fixes its tar order and rank range, `stick_to_shard` keeps it there,
+and the loader stops it after `steps_per_epoch` batches.
+
+Resume: the pipeline runs with `enable_checkpointing`; the loader state carries
+`pipeline.checkpoint()` (reader position, shuffle buffer, every RNG) and the pipeline is rebuilt
+from it with `Pipeline(checkpoint=...)`, so a resumed run produces the same samples with the same
+augmentations.
+
+Damaged data: a sample that fails to decode kills a DALI pipeline (no skip option). The loader
+catches the failure, finds the shard and key (from DALI's message, which names the sample's
+source; else by CPU-decoding the samples that were in flight), records them in
+{run_dir}/quarantine.json, rebuilds the epoch's pipeline without that shard and goes on. The epoch
+keeps its step count (so ranks stay in step); the rebuilt pipeline starts over on the rank's new
+range, so a few samples may repeat in that epoch. Every rank leaves the shard out from the next
+epoch on (they read quarantine.json at each epoch start).
+"""
+from __future__ import annotations
+
+import base64
+import re
+
+import numpy as np
+import torch
+
+from .augment import AugmentParams, decode_gray
+from .loader import PretrainLoader, log
+from .shards import DataLoaderError, EpochPlan, SampleError, ShardError, TarReader, derive_seed
+from ..curation.tario import split_name
+
+# DALI names the failing sample's source as "<tar>:<offset>:<member>".
+_FAILED_SAMPLE = re.compile(r"sample #\d+ : (?P<source>.+\.tar:\d+:\S+)\s*$", re.M)
+_BAD_INDEX = re.compile(r'index file at "(?P<path>[^"]+)"')
+
+
+def parse_source_info(source: str) -> tuple[str, str]:
+    """("/path/shard.tar", key) from a webdataset source_info "/path/shard.tar:offset:key.ext"."""
+    cut = source.rfind(".tar:")
+    if cut < 0:
+        raise ValueError(f"unexpected DALI source_info {source!r}")
+    member = source[cut + 5:].split(":", 1)[-1]
+    return source[: cut + 4], split_name(member)[0]
+
+
+def build_pipeline(*, paths, index_paths, shard_id: int, num_shards: int, aug: AugmentParams, decode_device: str,
+                   hw_decoder_load: float, shuffle_buffer: int, reader_seed: int, use_mmap: bool, batch_size: int,
+                   num_threads: int, device_id, seed: int, prefetch: int, checkpoint=None):
+    """The DALI graph of SPEC 5 (see augment.py for the definition both loaders share)."""
+    from nvidia.dali import fn, pipeline_def, types
+    import nvidia.dali.math as dmath
+
+    @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
+    def graph():
+        jpg, lbl = fn.readers.webdataset(
+            paths=paths, index_paths=index_paths, ext=["jpg", "lbl"], shard_id=shard_id, num_shards=num_shards,
+            random_shuffle=shuffle_buffer > 1, initial_fill=max(shuffle_buffer, 1), seed=reader_seed,
+            pad_last_batch=True, stick_to_shard=True, missing_component_behavior="error",
+            dont_use_mmap=not use_mmap, name="reader")
+        source = fn.get_property(jpg, key="source_info")
+        decoder_args = {"hw_decoder_load": hw_decoder_load} if decode_device == "mixed" else {}
+        img = fn.decoders.image(jpg, device=decode_device, output_type=types.GRAY, **decoder_args)
+        if fn.random.coin_flip(probability=aug.rrc_prob, dtype=types.BOOL):
+            img = fn.random_resized_crop(img, size=(aug.size, aug.size), random_area=list(aug.rrc_scale),
+                                         random_aspect_ratio=list(aug.rrc_ratio), num_attempts=10)
+        else:
+            img = fn.resize(img, size=(aug.size, aug.size))
+        img = fn.flip(img, horizontal=fn.random.coin_flip(probability=aug.hflip_prob),
+                      vertical=fn.random.coin_flip(probability=aug.vflip_prob))
+        x = fn.cast(img, dtype=types.FLOAT) * (1.0 / 255.0)
+        if aug.jitter_prob > 0 and (aug.brightness > 0 or aug.contrast > 0):
+            on = fn.random.coin_flip(probability=aug.jitter_prob)
+            b = 1.0 + on * fn.random.uniform(range=[-aug.brightness, aug.brightness]) if aug.brightness > 0 else 1.0
+            c = 1.0 + on * fn.random.uniform(range=[-aug.contrast, aug.contrast]) if aug.contrast > 0 else 1.0
+            x = dmath.clamp(b * (0.5 + c * (x - 0.5)), 0.0, 1.0)
+        return x, lbl, source
+
+    pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                 prefetch_queue_depth=prefetch, checkpoint=checkpoint)
+    pipe.build()
+    return pipe
+
+
+class DaliLoader(PretrainLoader):
+    kind = "dali"
+
+    def __init__(self, cfg, ontology, *, rank, world_size, device, run_dir):
+        super().__init__(cfg, ontology, rank=rank, world_size=world_size, device=device, run_dir=run_dir)
+        d = cfg.data
+        on_gpu = d.device == "gpu" or (d.device == "auto" and self.device.type == "cuda" and torch.cuda.is_available())
+        if on_gpu and not torch.cuda.is_available():
+            raise DataLoaderError("data.device=gpu but CUDA is not available; use data.device=cpu or auto")
+        self.decode_device = "mixed" if on_gpu else "cpu"
+        self._device_id = (self.device.index if self.device.type == "cuda" and self.device.index is not None
+                           else torch.cuda.current_device()) if on_gpu else None
+        self._pipe = None
+        self._pipe_plan: EpochPlan | None = None
+        self._extra: set[str] = set()   # shards quarantined during this epoch (pipeline rebuilt without)
+        self._generation = 0            # rebuilds in this epoch, part of the pipeline seed
+        self._pipe_steps = 0            # batches produced by the current pipeline
+        self._seen: set[str] = set()    # keys returned this epoch (known decodable)
+
+    def describe(self) -> str:
+        return f"DALI ({'GPU mixed decode' if self.decode_device == 'mixed' else 'CPU'})"
+
+    # ------------------------------------------------------------------ pipeline lifecycle
+    def _build(self, checkpoint=None) -> None:
+        plan = self._plan.without(self._extra) if self._extra else self._plan
+        d = self.cfg.data
+        parts = (d.seed, plan.epoch, self.world_size, self.rank, self._generation)
+        self._pipe = None  # release the old pipeline (and its memory) before the new one allocates
+        self._pipe = build_pipeline(
+            paths=[str(s.tar) for s in plan.shards], index_paths=[str(s.idx) for s in plan.shards],
+            shard_id=self.rank, num_shards=self.world_size, aug=self.aug, decode_device=self.decode_device,
+            hw_decoder_load=d.hw_decoder_load, shuffle_buffer=d.shuffle_buffer,
+            reader_seed=derive_seed("dali-reader", *parts), use_mmap=d.use_mmap, batch_size=self.micro_batch,
+            num_threads=max(1, d.num_threads), device_id=self._device_id, seed=derive_seed("dali", *parts),
+            prefetch=d.prefetch, checkpoint=checkpoint)
+        self._pipe_plan = plan
+
+    def _start_reader(self, resume) -> None:
+        self._seen = set()
+        if resume:
+            self._extra, self._generation = set(resume["extra"]), int(resume["generation"])
+            self._pipe_steps = int(resume["pipe_steps"])
+            try:
+                self._build(base64.b64decode(resume["checkpoint"]))
+                return
+            except (RuntimeError, ValueError, KeyError) as exc:
+                log.warning("rank %d: cannot restore the DALI checkpoint (%s): restarting epoch %d from its "
+                            "first step", self.rank, str(exc).splitlines()[0] if str(exc) else exc, self.epoch)
+                self.position = 0
+        self._extra, self._generation, self._pipe_steps = set(), 0, 0
+        self._build()
+
+    def _stop_reader(self) -> None:
+        self._pipe = None
+        self._pipe_plan = None
+        self._seen = set()
+
+    def _reader_state(self):
+        return {"extra": sorted(self._extra), "generation": self._generation, "pipe_steps": self._pipe_steps,
+                "checkpoint": base64.b64encode(self._pipe.checkpoint()).decode("ascii")}
+
+    def _reader_state_compatible(self, reader_state) -> bool:
+        return reader_state is None or {"extra", "generation", "pipe_steps", "checkpoint"} <= set(reader_state)
+
+    # ------------------------------------------------------------------ batches
+    def _next_raw(self):
+        while True:
+            try:
+                x, lbl, source = self._pipe.run()
+            except RuntimeError as exc:
+                self._recover(str(exc))
+                continue
+            sources = [parse_source_info(bytes(np.asarray(source.at(i))).decode()) for i in range(len(source))]
+            wrong = {(path, key): int(np.asarray(lbl.at(i)).size) for i, (path, key) in enumerate(sources)
+                     if np.asarray(lbl.at(i)).size != self.num_classes}
+            if wrong:
+                self._quarantine_damage([(path, key, f"label has {n} bytes, the ontology has {self.num_classes} nodes")
+                                         for (path, key), n in wrong.items()])
+                continue
+            keys = [key for _, key in sources]
+            self._pipe_steps += 1
+            self._seen.update(keys)
+            return self._to_torch(x), np.asarray(lbl.as_array()).view(np.int8).copy(), keys
+
+    def _to_torch(self, x) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        dense = x.as_tensor()
+        shape = tuple(dense.shape())                     # (B, S, S, 1)
+        if self.decode_device == "mixed":
+            out = torch.empty(shape, dtype=torch.float32, device=torch.device("cuda", self._device_id))
+            feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(out.device))
+        else:
+            out = torch.empty(shape, dtype=torch.float32)
+            feed_ndarray(dense, out)
+        return out.permute(0, 3, 1, 2)                   # (B, 1, S, S); C = 1 keeps it contiguous
+
+    # ------------------------------------------------------------------ damaged data
+    def _recover(self, message: str) -> None:
+        damage = self._damage_from_message(message) or self._scan_in_flight()
+        if not damage:
+            raise DataLoaderError(
+                f"rank {self.rank}: the DALI pipeline failed in epoch {self.epoch} at step {self.position} and "
+                f"no damaged shard could be identified (the samples in flight decode on the CPU): "
+                f"{_summary(message)}")
+        self._quarantine_damage(damage)
+
+    def _quarantine_damage(self, damage: list[tuple[str, str | None, str]]) -> None:
+        """Record (tar path, key, reason) entries, then rebuild this epoch's pipeline without their shards."""
+        found, samples = {}, []
+        for path, key, reason in damage:
+            shard = self.shard_set.shard_of_path(path)
+            if shard is None:
+                raise DataLoaderError(f"DALI reported damage in {path}, which is not a shard of {self.shard_set.root}")
+            found.setdefault(shard.name, {"reason": reason, **({"key": key} if key else {})})
+            if key:
+                samples.append((shard.name, key, reason))
+        self._record_samples(samples)
+        if not samples:  # a damaged tar/index: no single sample to blame, count the event once per shard
+            self.bad_samples += len(found)
+        self._record_shards(found)
+        self._extra |= set(found)
+        self._check_quarantine_limit(set(self._plan.excluded) | self._extra)
+        self._generation += 1
+        self._pipe_steps = 0
+        log.warning("rank %d: rebuilding the DALI pipeline without %s for the remaining %d steps of epoch %d",
+                    self.rank, sorted(found), self._plan.steps - self.position, self.epoch)
+        self._build()
+
+    def _damage_from_message(self, message: str) -> list[tuple[str, str | None, str]]:
+        damage = []
+        for m in _FAILED_SAMPLE.finditer(message):
+            try:
+                path, key = parse_source_info(m["source"])
+            except ValueError:
+                continue
+            damage.append((path, key, f"DALI could not decode it: {_summary(message)}"))
+        for m in _BAD_INDEX.finditer(message):
+            damage.append((m["path"], None, f"tar and index disagree: {_summary(message)}"))
+        if not damage and self._pipe_plan is not None:
+            for s in self._pipe_plan.shards:
+                if str(s.tar) in message or str(s.idx) in message:
+                    damage.append((str(s.tar), None, _summary(message)))
+        return [d for d in damage if self.shard_set.shard_of_path(d[0]) is not None]
+
+    def _scan_in_flight(self) -> list[tuple[str, str | None, str]]:
+        """CPU-decode the samples the reader may have handed to the decoder and not yet returned.
+
+        The reader reads the rank's range in order through a shuffle buffer of `shuffle_buffer`
+        samples and runs up to `prefetch` batches (+ its own and the decoder's) ahead."""
+        plan = self._pipe_plan
+        d = self.cfg.data
+        horizon = (self._pipe_steps + d.prefetch + 3) * self.micro_batch + max(d.shuffle_buffer, 1)
+        reader = TarReader(self.num_classes)
+        damage = []
+        try:
+            for seg in plan.segments(plan.start, min(plan.end, plan.start + horizon)):
+                try:
+                    keys = reader.index(seg.shard).keys
+                except (ShardError, OSError) as exc:
+                    damage.append((str(seg.shard.tar), None, f"index unreadable: {exc}"))
+                    continue
+                for i in range(seg.first, seg.last):
+                    if keys[i] in self._seen:
+                        continue
+                    try:
+                        decode_gray(reader.read(seg.shard, i)[0])
+                    except (SampleError, OSError, ValueError, SyntaxError) as exc:
+                        damage.append((str(seg.shard.tar), keys[i], f"CPU decode failed: {exc}"))
+        finally:
+            reader.close()
+        return damage
+
+
+def _summary(message: str, limit: int = 300) -> str:
+    """The informative lines of a DALI error (after 'encountered:'), without the boilerplate."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if "encountered:" in lines:
+        lines = lines[lines.index("encountered:") + 1:]
+    lines = [ln for ln in lines if not ln.startswith(("Current pipeline object", "C++ context", "Critical error"))]
+    text = " | ".join(lines) or message.strip()
+    return text[:limit]

@@ -1,0 +1,407 @@
+"""The shard set a loader reads, the per-epoch sample plan, and the quarantine of damaged shards.
+
+Both loaders (DALI and the webdataset-format fallback) take their epoch layout from `make_plan`,
+so they split the data the same way:
+
+1. the tar order of epoch e is a permutation seeded by (data.seed, e, world size): identical on
+   every rank, different every epoch (the builder already shuffled samples across tars);
+2. samples, numbered across the tars in that order, are cut into `world_size` contiguous ranges
+   [N*r//W, N*(r+1)//W): exactly DALI's `shard_id` / `num_shards` split, so the ranks' samples are
+   disjoint and together complete;
+3. every rank runs floor(floor(N/W) / micro_batch) steps, the count of the smallest range, so no rank
+   runs out while another waits for it in a collective. At most W*micro_batch-1 samples per epoch
+   (plus the last partial batch of each range) are left out, a different few each epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ..atomic import atomic_write_json
+from ..curation.tario import INDEX_VERSION, split_name
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+QUARANTINE = "quarantine.json"
+
+
+class ShardError(ValueError):
+    """The shard directory cannot be used as it is; the message names the file and the value."""
+
+
+class DataLoaderError(RuntimeError):
+    """The loader cannot go on (e.g. too many damaged shards); the message says what to look at."""
+
+
+def derive_seed(*parts, bits: int = 31) -> int:
+    """A stable seed from any printable parts (same value on every machine and Python run)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (1 << bits)
+
+
+# --------------------------------------------------------------------------------------------
+# Shards and their DALI index files
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shard:
+    name: str        # file name of the tar, the identity used in the manifest and the quarantine
+    tar: Path
+    idx: Path
+    samples: int
+    bytes: int       # size the builder recorded; a different size on disk means a damaged copy
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """One tar's samples as listed by its DALI index: key, and (offset, size) of jpg and lbl."""
+    keys: tuple[str, ...]
+    jpg: np.ndarray   # int64 (n, 2)
+    lbl: np.ndarray   # int64 (n, 2); size -1 when the sample has no .lbl
+
+    @classmethod
+    def read(cls, path: Path) -> "ShardIndex":
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise ShardError(f"cannot read index {path}: {exc.strerror}") from exc
+        header = lines[0].split() if lines else []
+        if len(header) != 2 or not header[0].startswith("v1.") or not header[1].isdigit():
+            raise ShardError(f"{path}: not a DALI webdataset index (first line {lines[:1]!r})")
+        named = header[0] == INDEX_VERSION  # v1.2 lists the member name after offset and size
+        width = 4 if named else 3
+        keys, jpg, lbl = [], [], []
+        for lineno, line in enumerate(lines[1:], start=2):
+            tok = line.split()
+            if not tok:
+                continue
+            if len(tok) % width:
+                raise ShardError(f"{path}:{lineno}: malformed index line {line[:120]!r}")
+            entry_jpg, entry_lbl, key = None, (0, -1), None
+            for i in range(0, len(tok), width):
+                ext, off, size = tok[i], int(tok[i + 1]), int(tok[i + 2])
+                if named and key is None:
+                    key = split_name(tok[i + 3])[0].rsplit("/", 1)[-1]
+                if ext == "jpg":
+                    entry_jpg = (off, size)
+                elif ext == "lbl":
+                    entry_lbl = (off, size)
+            if entry_jpg is None:
+                raise ShardError(f"{path}:{lineno}: sample {key!r} has no .jpg component")
+            keys.append(key if key is not None else f"{path.stem}#{len(keys)}")
+            jpg.append(entry_jpg)
+            lbl.append(entry_lbl)
+        if len(keys) != int(header[1]):
+            raise ShardError(f"{path}: header says {header[1]} samples, the index lists {len(keys)}")
+        return cls(tuple(keys), np.asarray(jpg, np.int64).reshape(-1, 2), np.asarray(lbl, np.int64).reshape(-1, 2))
+
+    @property
+    def end(self) -> int:
+        """First byte after the last component: the tar must be at least this long."""
+        ends = [self.jpg.sum(1).max(initial=0)]
+        if (self.lbl[:, 1] >= 0).any():
+            ends.append(self.lbl.sum(1).max())
+        return int(max(ends))
+
+
+class ShardSet:
+    """The shard directory as the manifest describes it, checked against the run's ontology."""
+
+    def __init__(self, root: Path, shards: Sequence[Shard], num_classes: int, ontology_hash: str):
+        self.root = root
+        self.shards = tuple(shards)
+        self.by_name = {s.name: s for s in self.shards}
+        self.num_classes = num_classes
+        self.ontology_hash = ontology_hash
+        self._resolved = {}
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, ontology) -> "ShardSet":
+        root = Path(root)
+        if not str(root) or not root.is_dir():
+            raise ShardError(f"data.shards={str(root)!r} is not a directory of shards")
+        mpath = root / MANIFEST
+        try:
+            manifest = json.loads(mpath.read_text())
+        except FileNotFoundError:
+            raise ShardError(f"{mpath} is missing: build the shards with `echocare shards build`") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ShardError(f"cannot read {mpath}: {exc}") from exc
+        got = manifest.get("ontology_hash")
+        if got != ontology.hash:
+            raise ShardError(f"{mpath}: ontology_hash {got!r} differs from the run's ontology {ontology.hash!r} "
+                             f"({len(ontology)} nodes): these shards were labelled with another ontology; "
+                             f"rebuild them or point ontology.path at the one they were built with")
+        nodes = manifest.get("ontology_nodes", len(ontology))
+        if nodes != len(ontology):
+            raise ShardError(f"{mpath}: ontology_nodes={nodes} but the ontology has {len(ontology)} nodes")
+        entries = manifest.get("shards")
+        if not isinstance(entries, list) or not entries:
+            raise ShardError(f"{mpath}: 'shards' must be a non-empty list, got {entries!r:.80}")
+        shards = []
+        for i, e in enumerate(entries):
+            try:
+                name, samples, size = str(e["name"]), int(e["samples"]), int(e["bytes"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ShardError(f"{mpath}: shards[{i}] needs name, samples and bytes, got {e!r:.120}") from exc
+            if samples <= 0:
+                continue  # an empty tar carries nothing to read
+            tar = root / name
+            shards.append(Shard(name, tar, tar.with_suffix(".idx"), samples, size))
+        if not shards:
+            raise ShardError(f"{mpath}: no shard holds any sample")
+        return cls(root, shards, len(ontology), ontology.hash)
+
+    def index(self, shard: Shard) -> ShardIndex:
+        return ShardIndex.read(shard.idx)
+
+    def shard_of_path(self, path: str) -> Shard | None:
+        """The shard a tar or index path (as DALI prints it) belongs to."""
+        if not self._resolved:
+            for s in self.shards:
+                for p in (s.tar, s.idx):
+                    self._resolved[str(p)] = s
+                    with contextlib.suppress(OSError):
+                        self._resolved[str(p.resolve())] = s
+        return self._resolved.get(path) or self.by_name.get(Path(path).with_suffix(".tar").name)
+
+    def preflight(self, shards: Iterable[Shard]) -> dict[str, str]:
+        """Damage visible without reading the data: missing files, a tar of the wrong size.
+
+        Costs one stat per file, so it runs at every epoch start. A truncated tar must never reach
+        DALI: with mmap a read past the end kills the process (SIGBUS), without it the reader dies."""
+        bad = {}
+        for s in shards:
+            if not s.tar.is_file():
+                bad[s.name] = f"tar {s.tar} is missing"
+            elif not s.idx.is_file():
+                bad[s.name] = f"index {s.idx} is missing"
+            else:
+                size = s.tar.stat().st_size
+                if size != s.bytes:
+                    bad[s.name] = f"tar {s.tar} has {size} bytes, the manifest recorded {s.bytes} (truncated or replaced)"
+        return bad
+
+
+class SampleError(ValueError):
+    """One sample cannot be used (short read, missing or wrong-sized label, undecodable image)."""
+
+
+class TarReader:
+    """Random access to samples through the DALI index: file handles and parsed indexes are kept
+    per shard, so reading a sample is one seek + two reads, and skipping one costs nothing."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self._files: dict[str, object] = {}
+        self._indexes: dict[str, ShardIndex] = {}
+
+    def index(self, shard: Shard) -> ShardIndex:
+        idx = self._indexes.get(shard.name)
+        if idx is None:
+            idx = self._indexes[shard.name] = ShardIndex.read(shard.idx)
+        return idx
+
+    def key(self, shard: Shard, i: int) -> str:
+        return self.index(shard).keys[i]
+
+    def _read(self, shard: Shard, offset: int, size: int, what: str) -> bytes:
+        fh = self._files.get(shard.name)
+        if fh is None:
+            fh = self._files[shard.name] = open(shard.tar, "rb")
+        fh.seek(offset)
+        data = fh.read(size)
+        if len(data) != size:
+            raise SampleError(f"{what}: read {len(data)} of {size} bytes at offset {offset} (tar truncated)")
+        return data
+
+    def read(self, shard: Shard, i: int) -> tuple[bytes, np.ndarray]:
+        """(jpg bytes, int8 label vector of length C) of sample i, or SampleError."""
+        idx = self.index(shard)
+        key = idx.keys[i]
+        jpg = self._read(shard, *map(int, idx.jpg[i]), what=f"{shard.name}/{key}.jpg")
+        off, size = map(int, idx.lbl[i])
+        if size < 0:
+            raise SampleError(f"{shard.name}/{key} has no .lbl component")
+        if size != self.num_classes:
+            raise SampleError(f"{shard.name}/{key}.lbl has {size} bytes, the ontology has {self.num_classes} nodes")
+        lbl = np.frombuffer(self._read(shard, off, size, what=f"{shard.name}/{key}.lbl"), np.int8).copy()
+        return jpg, lbl
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-epoch plan
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Segment:
+    """Samples [first, last) of one shard, in the shard's stored order."""
+    shard: Shard
+    first: int
+    last: int
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    epoch: int
+    rank: int
+    world_size: int
+    micro_batch: int
+    shards: tuple[Shard, ...]      # this epoch's tar order (identical on every rank)
+    excluded: tuple[str, ...]      # quarantined shard names left out of this epoch
+    order_seed: int
+    start: int                     # this rank's sample range [start, end) in that order
+    end: int
+    steps: int                     # batches every rank runs this epoch
+
+    @property
+    def total(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def segments(self, start: int | None = None, end: int | None = None) -> list[Segment]:
+        """The rank's range (or any [start, end) of the epoch order) as per-shard segments."""
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        out, base = [], 0
+        for s in self.shards:
+            lo, hi = max(start, base), min(end, base + s.samples)
+            if lo < hi:
+                out.append(Segment(s, lo - base, hi - base))
+            base += s.samples
+        return out
+
+    def without(self, names: Iterable[str]) -> "EpochPlan":
+        """The same epoch minus some shards (quarantined mid-epoch): same order for the rest, the
+        rank ranges recomputed, and the same step count, so every rank still ends the epoch together."""
+        names = set(names)
+        shards = tuple(s for s in self.shards if s.name not in names)
+        total = sum(s.samples for s in shards)
+        if total // self.world_size == 0:
+            raise DataLoaderError(f"no usable samples left for rank {self.rank} after quarantining {sorted(names)}")
+        return replace(self, shards=shards, excluded=tuple(sorted(set(self.excluded) | names)),
+                       start=total * self.rank // self.world_size, end=total * (self.rank + 1) // self.world_size)
+
+    def stream_quotas(self, num_streams: int) -> list[int]:
+        """Batches of stream k (batches b with b % num_streams == k), k = 0..num_streams-1."""
+        return [len(range(k, self.steps, num_streams)) for k in range(num_streams)]
+
+    def stream_segments(self, num_streams: int) -> list[list[Segment]]:
+        """The rank's range cut into contiguous chunks, one per stream, sized by its quota (the
+        range's spare samples spread over the chunks), so each stream reads its own tars."""
+        quotas = self.stream_quotas(num_streams)
+        cum = np.concatenate([[0], np.cumsum(quotas)])
+        n = self.end - self.start
+        bounds = [self.start + (n * int(c)) // max(int(cum[-1]), 1) for c in cum]
+        return [self.segments(bounds[k], bounds[k + 1]) for k in range(num_streams)]
+
+
+def epoch_order(shards: Sequence[Shard], seed: int, epoch: int, world_size: int) -> tuple[int, tuple[Shard, ...]]:
+    order_seed = derive_seed("order", seed, epoch, world_size)
+    perm = np.random.default_rng(order_seed).permutation(len(shards))
+    return order_seed, tuple(shards[i] for i in perm)
+
+
+def make_plan(shard_set: ShardSet, excluded: Iterable[str], *, epoch: int, seed: int, rank: int,
+              world_size: int, micro_batch: int) -> EpochPlan:
+    excluded = tuple(sorted(set(excluded)))
+    usable = [s for s in shard_set.shards if s.name not in excluded]
+    order_seed, ordered = epoch_order(usable, seed, epoch, world_size)
+    total = sum(s.samples for s in ordered)
+    per_rank = total // world_size
+    steps = per_rank // micro_batch
+    if steps == 0:
+        raise DataLoaderError(
+            f"{shard_set.root}: {total} usable samples ({len(excluded)} shard(s) quarantined) give "
+            f"{per_rank} per rank on {world_size} rank(s), fewer than train.micro_batch={micro_batch}")
+    return EpochPlan(epoch, rank, world_size, micro_batch, ordered, excluded, order_seed,
+                     total * rank // world_size, total * (rank + 1) // world_size, steps)
+
+
+def buffer_shuffle(items: Sequence, buffer: int, rng: np.random.Generator) -> Iterator:
+    """Shuffle a stream through a fixed-size buffer, as DALI's readers do (`initial_fill`)."""
+    if buffer <= 1:
+        yield from items
+        return
+    it = iter(items)
+    pool = [x for _, x in zip(range(buffer), it)]
+    for x in it:
+        j = int(rng.integers(len(pool)))
+        yield pool[j]
+        pool[j] = x
+    order = rng.permutation(len(pool))
+    for j in order:
+        yield pool[j]
+
+
+# --------------------------------------------------------------------------------------------
+# Quarantine file
+# --------------------------------------------------------------------------------------------
+class Quarantine:
+    """`{run_dir}/quarantine.json`: damaged shards (left out from the next epoch on) and bad samples.
+
+    Ranks share the run directory; each writes under an advisory lock, merging with what is on
+    disk, and replaces the file atomically. Without a run directory the record stays in memory."""
+
+    def __init__(self, run_dir: str | os.PathLike | None):
+        self.path = Path(run_dir) / QUARANTINE if run_dir else None
+        self._mem: dict = {"shards": {}, "samples": {}}
+
+    def read(self) -> dict:
+        data = {"shards": dict(self._mem["shards"]), "samples": dict(self._mem["samples"])}
+        if self.path is not None and self.path.exists():
+            try:
+                disk = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise DataLoaderError(f"cannot read {self.path}: {exc}; fix or remove it") from exc
+            data["shards"].update(disk.get("shards", {}))
+            data["samples"].update(disk.get("samples", {}))
+        return data
+
+    def shards(self) -> set[str]:
+        return set(self.read()["shards"])
+
+    def samples(self) -> set[str]:
+        return set(self.read()["samples"])
+
+    def add(self, *, shards: dict[str, dict] | None = None, samples: dict[str, dict] | None = None) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        for d in (shards or {}).values():
+            d.setdefault("time", stamp)
+        for d in (samples or {}).values():
+            d.setdefault("time", stamp)
+        self._mem["shards"].update(shards or {})
+        self._mem["samples"].update(samples or {})
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(self.path.parent / f".{QUARANTINE}.lock"):
+            data = self.read()
+            for key, value in (shards or {}).items():
+                data["shards"].setdefault(key, value)
+            for key, value in (samples or {}).items():
+                data["samples"].setdefault(key, value)
+            atomic_write_json(self.path, data)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path):
+    import fcntl
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

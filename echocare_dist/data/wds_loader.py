@@ -1,0 +1,175 @@
+"""Fallback loader: the webdataset shards read with PIL in torch DataLoader workers.
+
+For machines without DALI, and as the reference the DALI path is tested against: same epoch plan
+(shards.py), same augmentation definition (augment.py), same masks and labels.
+
+Splitting. The rank's sample range (split by node, identical to DALI's shard_id/num_shards) is cut
+into one contiguous chunk per worker (split by worker), each a "stream" that reads its own tars;
+a tar-granular split (webdataset's split_by_node / split_by_worker) would give ranks different
+sample counts, and idle workers whenever a rank holds fewer tars than workers. Batch b of the epoch
+comes from stream b % S, which is the order in which the DataLoader collects from its S workers.
+
+Reading. Samples are read by offset through the DALI index of each tar, after a seeded shuffle
+buffer over sample positions (the same local shuffle as DALI's `initial_fill`). Because the
+shuffle runs over positions and every augmentation draw is seeded by (seed, epoch, key), resuming at
+batch b skips the consumed samples without reading or decoding them, and the same images come out
+with the same augmentation.
+
+Damaged data. A sample that cannot be read or decoded is logged, recorded in
+{run_dir}/quarantine.json, counted in `bad_samples`, and replaced by the stream's next sample
+(open_clip's log-and-continue); a stream that runs out wraps around its chunk with a new shuffle,
+so every rank still runs the same number of steps.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .augment import AugmentParams, augment, decode_gray
+from .loader import PretrainLoader
+from .masking import sample_stream_ids
+from .shards import DataLoaderError, EpochPlan, SampleError, ShardError, TarReader, buffer_shuffle, derive_seed
+
+
+class EpochStreams(IterableDataset):
+    """The batches of one epoch on one rank from batch `first_batch` on, as S deterministic streams.
+
+    Worker w of the DataLoader serves stream (first_batch + w) % S, so the DataLoader's round robin
+    over workers returns batches first_batch, first_batch + 1, ... in order."""
+
+    def __init__(self, plan: EpochPlan, num_streams: int, first_batch: int, known_bad: set[str],
+                 aug: AugmentParams, num_classes: int, shuffle_buffer: int, seed: int):
+        self.plan, self.num_streams, self.first_batch = plan, num_streams, first_batch
+        self.known_bad, self.aug, self.num_classes = known_bad, aug, num_classes
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+
+    def __iter__(self):
+        info = get_worker_info()
+        if info is None:  # in-process: a single stream
+            if self.num_streams != 1:
+                raise RuntimeError("EpochStreams with several streams needs one DataLoader worker per stream")
+            yield from self.stream_batches(0)
+            return
+        if info.num_workers != self.num_streams:
+            raise RuntimeError(f"{info.num_workers} workers for {self.num_streams} streams")
+        yield from self.stream_batches((self.first_batch + info.id) % self.num_streams)
+
+    def _positions(self, stream: int):
+        """(pass, shard, index) of stream `stream`, forever: pass p is a fresh shuffle of the chunk."""
+        segments = self.plan.stream_segments(self.num_streams)[stream]
+        refs = [(seg.shard, i) for seg in segments for i in range(seg.first, seg.last)]
+        if not refs:
+            raise DataLoaderError(f"rank {self.plan.rank}: stream {stream} of epoch {self.plan.epoch} has no samples")
+        p = self.plan
+        for pass_no in range(1 << 30):
+            rng = np.random.default_rng(derive_seed("wds-shuffle", self.seed, p.epoch, p.world_size, p.rank,
+                                                    stream, pass_no, bits=63))
+            for shard, i in buffer_shuffle(refs, self.shuffle_buffer, rng):
+                yield pass_no, shard, i
+
+    def stream_batches(self, stream: int):
+        S, B, p = self.num_streams, self.plan.micro_batch, self.plan
+        batch_ids = range(stream, p.steps, S)
+        done = len(range(stream, self.first_batch, S))      # batches of this stream already consumed
+        to_skip = done * B
+        reader = TarReader(self.num_classes)
+        known_bad = set(self.known_bad)
+        images, labels, keys, bad = [], [], [], []
+        good_in_pass, last_pass = 0, 0
+        try:
+            for pass_no, shard, i in self._positions(stream):
+                if done >= len(batch_ids):
+                    return
+                if pass_no != last_pass:
+                    if good_in_pass == 0:
+                        raise DataLoaderError(f"rank {p.rank}: no readable sample in stream {stream} of epoch "
+                                              f"{p.epoch} (shards {sorted({s.shard.name for s in p.stream_segments(S)[stream]})})")
+                    good_in_pass, last_pass = 0, pass_no
+                try:
+                    key = reader.key(shard, i)
+                except (ShardError, OSError) as exc:
+                    raise DataLoaderError(f"cannot read the index of {shard.tar}: {exc}") from exc
+                tag = f"{shard.name}/{key}"
+                if tag in known_bad:
+                    continue
+                if to_skip:
+                    to_skip -= 1
+                    good_in_pass += 1
+                    continue
+                try:
+                    jpg, lbl = reader.read(shard, i)
+                    im = decode_gray(jpg)
+                except (SampleError, OSError, ValueError, SyntaxError) as exc:
+                    known_bad.add(tag)
+                    bad.append((shard.name, key, f"{type(exc).__name__}: {exc}"))
+                    continue
+                good_in_pass += 1
+                sid = int(sample_stream_ids([key], "augment", self.seed, p.epoch, pass_no)[0])
+                images.append(augment(im, np.random.default_rng(sid), self.aug))
+                labels.append(lbl)
+                keys.append(key)
+                if len(keys) == B:
+                    yield dict(index=batch_ids[done], target=torch.from_numpy(np.stack(images))[:, None],
+                               labels=torch.from_numpy(np.stack(labels)), keys=keys, bad=bad)
+                    done += 1
+                    images, labels, keys, bad = [], [], [], []
+        finally:
+            reader.close()
+
+
+class WdsLoader(PretrainLoader):
+    kind = "wds"
+
+    def __init__(self, cfg, ontology, *, rank, world_size, device, run_dir):
+        super().__init__(cfg, ontology, rank=rank, world_size=world_size, device=device, run_dir=run_dir)
+        self._it = None
+        self._streams = 0
+
+    def describe(self) -> str:
+        n = self.cfg.data.num_threads
+        return f"webdataset-format fallback (PIL, {n} worker{'s' if n != 1 else ''})" if n else \
+            "webdataset-format fallback (PIL, in-process)"
+
+    def _num_streams(self) -> int:
+        return max(1, min(self.cfg.data.num_threads, self._plan.steps))
+
+    def _start_reader(self, resume) -> None:
+        d = self.cfg.data
+        self._streams = self._num_streams()
+        known_bad = self._bad_keys | self._known("samples")
+        ds = EpochStreams(self._plan, self._streams, self.position, known_bad, self.aug, self.num_classes,
+                          d.shuffle_buffer, d.seed)
+        if d.num_threads == 0:
+            self._it = iter(ds)
+            return
+        remaining = self._plan.steps - self.position
+        loader = DataLoader(ds, batch_size=None, num_workers=self._streams, prefetch_factor=d.prefetch,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        self._it = iter(loader) if remaining > 0 else iter(())
+
+    def _stop_reader(self) -> None:
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def _reader_state(self):
+        return {"streams": self._streams, "num_threads": self.cfg.data.num_threads}
+
+    def _reader_state_compatible(self, reader_state) -> bool:
+        # The streams (and so the order within the epoch) depend on the worker count.
+        return reader_state is None or reader_state.get("num_threads") == self.cfg.data.num_threads
+
+    def _next_raw(self):
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            raise DataLoaderError(f"rank {self.rank}: the fallback loader ran dry at step {self.position} of "
+                                  f"{self._plan.steps} in epoch {self.epoch}") from None
+        if batch["index"] != self.position:
+            raise DataLoaderError(f"rank {self.rank}: batch {batch['index']} arrived at step {self.position} "
+                                  f"(DataLoader worker order broken)")
+        if batch["bad"]:
+            self._record_samples(batch["bad"])
+        return batch["target"], batch["labels"], batch["keys"]

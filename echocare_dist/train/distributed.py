@@ -1,0 +1,209 @@
+"""Process-group setup that works under every launcher we support.
+
+The rank layout comes from the environment: the DeepSpeed launcher and torchrun export
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `srun` (one task per GPU) exports
+SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID, which we translate; a plain `python`
+start with none of them is a world of one. The device is cuda:LOCAL_RANK when CUDA is present,
+else the CPU (DeepSpeed then picks gloo).
+
+Besides the main group we keep a gloo "control" group: the per-step preemption vote is a
+one-integer all-reduce on the host, so it never forces a GPU synchronisation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    launcher: str               # "deepspeed/torchrun", "slurm" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_host(nodelist: str) -> str:
+    """First hostname of a Slurm nodelist such as 'gpu[03-05,09],cpu1' (what scontrol would print)."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot parse Slurm nodelist {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def detect_env(environ: dict | None = None) -> dict:
+    """Rank layout from the launcher's environment; fills MASTER_ADDR/PORT where a launcher does not."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        layout = dict(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                      local_rank=int(env.get("LOCAL_RANK", 0)), launcher="deepspeed/torchrun",
+                      master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=env.get("MASTER_PORT", "29500"))
+    elif "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        # Only srun sets SLURM_STEP_NUM_TASKS: a batch script alone (one process) stays single.
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        # A job-derived port lets two jobs share a node without colliding.
+        port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        layout = dict(rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_STEP_NUM_TASKS"]),
+                      local_rank=int(env.get("SLURM_LOCALID", 0)), launcher="slurm",
+                      master_addr=env.get("MASTER_ADDR") or first_host(nodelist), master_port=port)
+    else:
+        layout = dict(rank=0, world_size=1, local_rank=0, launcher="single",
+                      master_addr="127.0.0.1", master_port=env.get("MASTER_PORT") or str(_free_port()))
+    if not 0 <= layout["rank"] < layout["world_size"]:
+        raise RuntimeError(f"inconsistent launcher environment: rank {layout['rank']} of world "
+                           f"size {layout['world_size']}")
+    return layout
+
+
+def pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+_CONTROL_GROUP = None
+
+
+def init_distributed(timeout_s: int) -> DistEnv:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU) plus a gloo control group."""
+    import deepspeed
+    import torch.distributed as dist
+
+    global _CONTROL_GROUP
+    layout = detect_env()
+    # DeepSpeed and torch read the layout from these variables; export the translated Slurm ones.
+    for key, value in (("RANK", layout["rank"]), ("WORLD_SIZE", layout["world_size"]),
+                       ("LOCAL_RANK", layout["local_rank"]), ("MASTER_ADDR", layout["master_addr"]),
+                       ("MASTER_PORT", layout["master_port"])):
+        os.environ[str(key)] = str(value)
+    device = pick_device(layout["local_rank"])
+    if not dist.is_initialized():
+        deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s),
+                                   verbose=False)
+    if dist.get_backend() == "gloo":
+        _CONTROL_GROUP = None  # the default group already runs on the host
+    else:
+        _CONTROL_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    return DistEnv(rank=layout["rank"], world_size=layout["world_size"], local_rank=layout["local_rank"],
+                   device=device, launcher=layout["launcher"])
+
+
+def is_initialized() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if is_initialized():
+        import torch.distributed as dist
+        dist.barrier(group=_CONTROL_GROUP)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when the flag is set on at least one (a host-side MAX all-reduce)."""
+    if not is_initialized():
+        return flag
+    import torch.distributed as dist
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    return bool(t.item())
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (small Python objects: loader and RNG states)."""
+    if not is_initialized():
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_CONTROL_GROUP)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_initialized():
+        return obj
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_CONTROL_GROUP)
+    return box[0]
+
+
+def reduce_stats(sums: list[float], maxes: list[float], device: torch.device) -> tuple[list[float], list[float]]:
+    """Sum of `sums` and max of `maxes` over ranks (one collective each; used only at log steps)."""
+    if not is_initialized():
+        return list(sums), list(maxes)
+    import torch.distributed as dist
+    s = torch.tensor(sums, dtype=torch.float64, device=device)
+    m = torch.tensor(maxes, dtype=torch.float64, device=device)
+    dist.all_reduce(s, op=dist.ReduceOp.SUM)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    return s.tolist(), m.tolist()
+
+
+def shutdown() -> None:
+    global _CONTROL_GROUP
+    if is_initialized():
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    _CONTROL_GROUP = None
+
+
+# ---------------------------------------------------------------------------------- seeding
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """Bit-exact reruns (kill-and-resume reproduces the trajectory) at some speed cost."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def rng_state() -> dict:
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

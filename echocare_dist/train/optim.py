@@ -1,0 +1,112 @@
+"""Optimizer, LR schedule and the DeepSpeed config, all derived from our config (one source of truth).
+
+DeepSpeed gets a client optimizer (torch AdamW over the model's no-decay groups) and a client
+scheduler; its JSON config only carries what DeepSpeed itself owns: batch geometry, ZeRO,
+precision and clipping. The JSON is written next to the run so a run can be audited.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+from ..config import Config
+
+
+def global_batch(cfg: Config, world_size: int) -> int:
+    return cfg.train.micro_batch * cfg.train.grad_accum * world_size
+
+
+def scaled_lr(cfg: Config, world_size: int) -> tuple[float, float]:
+    """Peak and floor LR for this global batch (linear scaling rule from optim.lr_batch_ref)."""
+    scale = global_batch(cfg, world_size) / cfg.optim.lr_batch_ref
+    return cfg.optim.lr * scale, cfg.optim.min_lr * scale
+
+
+class WarmupCosine(LRScheduler):
+    """Linear warmup to the peak over `warmup_steps`, then cosine to `min_lr` at `total_steps`
+    ("constant" holds the peak after warmup). Stateless apart from the step count, so its
+    state_dict round-trips through DeepSpeed checkpoints exactly."""
+
+    def __init__(self, optimizer, peak_lr: float, min_lr: float, warmup_steps: int, total_steps: int,
+                 schedule: str = "cosine", last_epoch: int = -1):
+        self.peak_lr, self.min_lr = peak_lr, min_lr
+        self.warmup_steps, self.total_steps, self.schedule = warmup_steps, total_steps, schedule
+        super().__init__(optimizer, last_epoch)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            # (step+1): the first update already moves; the peak is reached on the last warmup step.
+            return self.peak_lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.peak_lr
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr + (self.peak_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def get_lr(self):
+        return [self.lr_at(self.last_epoch) for _ in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Only the position is restored: peak/floor/warmup/total come from the current config, so
+        # extending train.steps or changing the world size on resume reshapes the schedule.
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+        lrs = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = lrs
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, world_size: int, device: torch.device):
+    from ..models import param_groups
+
+    peak, floor = scaled_lr(cfg, world_size)
+    o = cfg.optim
+    # Fused AdamW needs its state on a GPU; with ZeRO-Offload the state lives on the host.
+    fused = bool(o.fused and device.type == "cuda" and not cfg.train.offload_optimizer)
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=peak, betas=tuple(o.betas),
+                                  eps=o.eps, fused=fused or None)
+    scheduler = WarmupCosine(optimizer, peak, floor, o.warmup_steps, cfg.train.steps, o.schedule)
+    return optimizer, scheduler
+
+
+def deepspeed_config(cfg: Config, world_size: int, device: torch.device, load_universal: bool = False) -> dict:
+    t = cfg.train
+    on_gpu = device.type == "cuda"
+    zero: dict = dict(stage=t.zero_stage)
+    if t.zero_stage >= 1:
+        zero.update(overlap_comm=bool(t.overlap_comm and on_gpu), contiguous_gradients=True,
+                    reduce_bucket_size=t.reduce_bucket_size, allgather_bucket_size=t.reduce_bucket_size)
+        if t.offload_optimizer:
+            zero["offload_optimizer"] = dict(device="cpu", pin_memory=on_gpu)
+    if t.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=t.reduce_bucket_size,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    ds = {
+        "train_batch_size": global_batch(cfg, world_size),
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        # DeepSpeed defaults to 1.0; ours is the paper's value from optim.grad_clip (0 = off).
+        "gradient_clipping": cfg.optim.grad_clip,
+        # Our own logger reports every train.log_every; DeepSpeed's print (None in code) is aligned to it.
+        "steps_per_print": t.log_every,
+        "wall_clock_breakdown": False,
+        "zero_optimization": zero,
+        # The client torch AdamW stays in charge even with ZeRO-Offload.
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "checkpoint": {"load_universal": bool(load_universal)},
+    }
+    if t.precision == "bf16":
+        # fp32 master weights, bf16 matmuls/convs inside the engine's forward (DeepSpeed wraps
+        # it in torch.autocast); Linear/Conv gradients are communicated in bf16.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                      "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    return ds

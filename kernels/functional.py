@@ -1,0 +1,114 @@
+"""Public loss functions: input checks, then dispatch to Triton or to the PyTorch reference.
+
+impl: "auto" = Triton when every tensor is on CUDA and Triton imports, the reference otherwise;
+"triton" / "torch" force one (config: loss.impl). Both give a float32 scalar loss.
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import coherent_probs_reference, hierarchical_minmax_loss_reference, masked_l1_loss_reference
+from .tables import index_table
+
+IMPLS = ("auto", "triton", "torch")
+
+try:  # Triton is optional: without it (or without a GPU) everything runs on the reference.
+    from .hierarchical import coherent_probs_triton, hierarchical_minmax_loss_triton
+    from .masked_l1 import masked_l1_loss_triton
+    TRITON_IMPORT_ERROR: str | None = None
+except Exception as exc:  # noqa: BLE001 - a broken Triton install must not break CPU training
+    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+HAS_TRITON = TRITON_IMPORT_ERROR is None
+
+
+def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
+    if impl == "torch":
+        return False
+    if impl == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError(f"impl='triton' but Triton cannot be imported ({TRITON_IMPORT_ERROR})")
+        return True
+    if impl == "auto":
+        return HAS_TRITON and all(t.is_cuda for t in tensors)
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError("tensors must be on one device, got " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+
+
+def _check_masked_l1(pred, target, token_mask, patch_size) -> int:
+    if pred.dim() != 4:
+        raise ValueError(f"pred must be (B, C, H, W), got shape {tuple(pred.shape)}")
+    if target.shape != pred.shape:
+        raise ValueError(f"target shape {tuple(target.shape)} != pred shape {tuple(pred.shape)}")
+    for name, t in (("pred", pred), ("target", target)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
+    p = int(patch_size)
+    if p != patch_size or p < 1:
+        raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}")
+    B, _, H, W = pred.shape
+    if H % p or W % p:
+        raise ValueError(f"image {H}x{W} is not a whole number of {p}x{p} patches")
+    if tuple(token_mask.shape) != (B, H // p, W // p):
+        raise ValueError(f"token_mask must be (B, H/p, W/p) = {(B, H // p, W // p)} for pred {tuple(pred.shape)} "
+                         f"and patch_size {p}, got {tuple(token_mask.shape)}")
+    if token_mask.dtype not in (torch.bool, torch.uint8, torch.int8):
+        raise TypeError(f"token_mask must be bool or uint8, got {token_mask.dtype}")
+    _same_device(pred=pred, target=target, token_mask=token_mask)
+    return p
+
+
+def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor, patch_size: int,
+                   impl: str = "auto") -> torch.Tensor:
+    """Mean |pred - target| over the pixels of masked tokens and all channels (SPEC 3.1).
+
+    pred, target: (B, C, H, W) float (any strides, dtypes may differ); token_mask: (B, H/p, W/p)
+    bool/uint8, 1 = masked. Returns a float32 scalar; 0 (zero gradient) when nothing is masked."""
+    p = _check_masked_l1(pred, target, token_mask, patch_size)
+    if use_triton(impl, pred, target, token_mask):
+        return masked_l1_loss_triton(pred, target, token_mask, p)
+    return masked_l1_loss_reference(pred, target, token_mask, p)
+
+
+def _check_logits(logits, name_tables) -> None:
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a float (B, C) tensor, got {logits.dtype} {tuple(logits.shape)}")
+    for name, table in name_tables:
+        if table.shape[0] != logits.shape[1]:
+            raise ValueError(f"{name} has {table.shape[0]} rows but logits have C={logits.shape[1]} nodes "
+                             "(table and model built from different ontologies?)")
+
+
+def hierarchical_minmax_loss(logits: torch.Tensor, labels: torch.Tensor, ancestor_table, descendant_table,
+                             impl: str = "auto") -> torch.Tensor:
+    """Hierarchical min/max BCE (SPEC 3.2): mean over non-ignored (b, v) of BCEWithLogits(z_hat, label).
+
+    labels: (B, C) int8, 1 / 0 / -1 (anything but 1 and 0 is ignored). Tables: the ontology's
+    padded int32 ancestor / descendant tables (numpy or tensors; device copies are cached).
+    Returns a float32 scalar; 0 (zero gradient) when every entry is ignored."""
+    anc = index_table(ancestor_table, logits.device, "ancestor_table")
+    desc = index_table(descendant_table, logits.device, "descendant_table")
+    _check_logits(logits, (("ancestor_table", anc), ("descendant_table", desc)))
+    if labels.shape != logits.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} != logits shape {tuple(logits.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be int8 in {{1, 0, -1}}, got {labels.dtype}")
+    _same_device(logits=logits, labels=labels)
+    if use_triton(impl, logits, labels):
+        return hierarchical_minmax_loss_triton(logits, labels.to(torch.int8), anc, desc)
+    return hierarchical_minmax_loss_reference(logits, labels, anc, desc)
+
+
+def coherent_probs(logits: torch.Tensor, descendant_table, impl: str = "auto") -> torch.Tensor:
+    """Hierarchy-coherent probabilities q_v = max over D*(v) of sigmoid(z_u), (B, C) float32:
+    thresholding q at any t never keeps a child above its parent. No gradient."""
+    desc = index_table(descendant_table, logits.device, "descendant_table")
+    _check_logits(logits, (("descendant_table", desc),))
+    if use_triton(impl, logits):
+        return coherent_probs_triton(logits.detach(), desc)
+    return coherent_probs_reference(logits.detach(), desc).float()

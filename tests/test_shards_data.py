@@ -1,0 +1,173 @@
+"""Small hand-made ultrasound-like source folders for the shard builder tests (no test here).
+
+Everything real collections throw at the builder, in a few dozen files: PNG/JPEG/BMP/TIFF of
+several sizes, RGB, gray, palette and 16-bit, names with spaces, burned-in text around the
+sector, a near-empty frame, an exact duplicate under another name, a truncated JPEG, garbage
+bytes named .png, an mp4, a multi-frame DICOM and an extensionless DICOM, a per-file CSV.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+TEXT = (255, 255, 255)
+
+
+def fan_mask(h: int, w: int, apex_y: float = -0.15, spread_deg: float = 35.0, r0=0.2, r1=0.95) -> np.ndarray:
+    """A convex-probe sector: an annulus wedge with its apex above the top edge."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    cx, cy = w / 2, apex_y * h
+    r = np.hypot(xx - cx, yy - cy)
+    ang = np.degrees(np.arctan2(xx - cx, yy - cy))
+    return (np.abs(ang) <= spread_deg) & (r >= r0 * h) & (r <= r1 * h)
+
+
+def ultrasound(h: int, w: int, seed: int, border_text: bool = True, corner_text: bool = False,
+               box: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Gray uint8 B-mode-like frame: speckle inside a sector placed in `box` (x0, y0, x1, y1),
+    a brighter ellipse 'organ', and text outside the sector. Returns (image, sector bbox)."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w), np.uint8)
+    x0, y0, x1, y1 = box or (w // 6, h // 8, w - w // 6, h - h // 10)
+    bh, bw = y1 - y0, x1 - x0
+    mask = fan_mask(bh, bw)
+    speckle = rng.rayleigh(45 + 10 * (seed % 3), size=(bh, bw))
+    organ = np.zeros((bh, bw), np.uint8)
+    cv2.ellipse(organ, (int(bw * rng.uniform(.35, .65)), int(bh * rng.uniform(.45, .7))),
+                (int(bw * .15), int(bh * .1)), float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    tissue = np.clip(speckle * (1 + organ * 0.8) + 20, 0, 255).astype(np.uint8)
+    region = img[y0:y1, x0:x1]
+    region[mask] = tissue[mask]
+    ys, xs = np.nonzero(mask)
+    sector = (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
+    if border_text:
+        cv2.putText(img, "PAT 0042 ABD", (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, TEXT, 1)
+        cv2.putText(img, f"{seed:03d} 5.0MHz", (3, h - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, TEXT, 1)
+        cv2.putText(img, "G 60", (w - 36, h // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.35, TEXT, 1)
+    if corner_text:  # inside the sector's bounding box but outside the fan
+        cv2.putText(img, "L", (sector[0] + 2, sector[3] - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, TEXT, 1)
+    return img, sector
+
+
+def to_rgb(gray: np.ndarray, tint=(1.0, 0.95, 0.9)) -> np.ndarray:
+    return np.clip(gray[..., None] * np.asarray(tint)[None, None], 0, 255).astype(np.uint8)
+
+
+def write_dicom(path: Path, frames: np.ndarray, rgb: bool = False, preamble: bool = True) -> None:
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # US multi-frame image storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "US"
+    n, h, w = frames.shape[:3]
+    ds.Rows, ds.Columns = h, w
+    ds.NumberOfFrames = n
+    ds.SamplesPerPixel = 3 if rgb else 1
+    ds.PhotometricInterpretation = "RGB" if rgb else "MONOCHROME2"
+    if rgb:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(frames).tobytes()
+    pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
+
+
+@dataclass
+class Dataset:
+    mapping: Path
+    root: Path
+    expect: dict = field(default_factory=dict)
+
+
+def make_dataset(base: Path) -> Dataset:
+    """Two sources with rules and a CSV. `expect` holds what a correct build must report."""
+    thy = base / "Thyroid US"
+    (thy / "nodules").mkdir(parents=True)
+    (thy / "scans day 1").mkdir(parents=True)
+    card = base / "cardiac clips"
+    card.mkdir(parents=True)
+    sizes = [(160, 200), (240, 320), (360, 480), (300, 260), (480, 640)]
+    # stills: gray png, RGB jpeg, bmp, tiff, palette png, 16-bit png
+    for i, (h, w) in enumerate(sizes):
+        img, _ = ultrasound(h, w, seed=i)
+        cv2.imwrite(str(thy / "scans day 1" / f"img {i}.png"), img)
+    for i, (h, w) in enumerate(sizes[:3]):
+        img, _ = ultrasound(h, w, seed=10 + i)
+        Image.fromarray(to_rgb(img)).save(thy / "nodules" / f"nodule {i}.jpg", quality=92)
+    img, _ = ultrasound(200, 260, seed=20)
+    Image.fromarray(img).save(thy / "scan bmp.bmp")
+    img, _ = ultrasound(220, 300, seed=21)
+    Image.fromarray(to_rgb(img)).save(thy / "scan tiff.tiff")
+    img, _ = ultrasound(210, 280, seed=22)
+    Image.fromarray(to_rgb(img)).convert("P", palette=Image.ADAPTIVE, colors=64).save(thy / "palette scan.png")
+    img, _ = ultrasound(230, 290, seed=23)
+    Image.fromarray((img.astype(np.uint16) * 16)).save(thy / "deep 16bit.png")  # 12-bit data in 16 bits
+    img, _ = ultrasound(190, 250, seed=24)
+    Image.fromarray(np.dstack([to_rgb(img), np.full(img.shape, 255, np.uint8)])).save(thy / "rgba scan.png")
+    # rejections
+    shutil.copy(thy / "scans day 1" / "img 1.png", thy / "scans day 1" / "img 1 copy.png")  # duplicate
+    dark = np.zeros((200, 260), np.uint8)
+    cv2.putText(dark, "NO SIGNAL", (20, 100), cv2.FONT_HERSHEY_SIMPLEX, 0.4, TEXT, 1)
+    cv2.imwrite(str(thy / "empty frame.png"), dark)                        # too_few_pixels
+    good = (thy / "nodules" / "nodule 0.jpg").read_bytes()
+    (thy / "nodules" / "broken.jpg").write_bytes(good[: len(good) // 2])  # truncated JPEG -> corrupt
+    (thy / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 20)  # corrupt
+    (thy / "notes.txt").write_text("not an image\n")                      # ignored
+    (thy / ".DS_Store").write_bytes(b"\0\1\2")                            # hidden: ignored
+    (thy / "labels.csv").write_text("path,labels\nscans day 1/img 0.png,thyroid_lobe;thyroid_isthmus\n"
+                                    "scan bmp.bmp,\n")
+    # cardiac: an mp4 (25 frames, stride 10 -> 3 kept), a DICOM cine (12 frames, stride 5 -> 3),
+    # an extensionless single-frame RGB DICOM.
+    vw = cv2.VideoWriter(str(card / "apical 4ch.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 25, (320, 240))
+    for t in range(25):
+        frame, _ = ultrasound(240, 320, seed=100 + t)
+        vw.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
+    vw.release()
+    cine = np.stack([ultrasound(200, 240, seed=200 + t)[0] for t in range(12)])
+    write_dicom(card / "cine loop.dcm", cine)
+    single = to_rgb(ultrasound(180, 220, seed=300)[0])[None]
+    write_dicom(card / "IM0001", single, rgb=True)
+
+    mapping = base / "mapping.yaml"
+    mapping.write_text(
+        "sources:\n"
+        '  - name: "Thyroid US"\n'
+        '    root: "Thyroid US"\n'
+        "    labels: [thyroid]\n"
+        '    device: "synthetic linear"\n'
+        "    rules:\n"
+        '      - glob: "nodules/*"\n'
+        "        labels: [thyroid_nodule]\n"
+        '    csv: "labels.csv"\n'
+        '  - name: "Cardiac clips"\n'
+        '    root: "cardiac clips"\n'
+        "    labels: [heart]\n"
+        "    frame_stride: 5\n"
+        "    rules:\n"
+        '      - glob: "*.mp4"\n'
+        "        labels: [left_ventricle]\n")
+    expect = {
+        "samples": 13 + 9,
+        "corrupt": {str(thy / "nodules" / "broken.jpg"), str(thy / "garbage.png")},
+        "too_few_pixels": {str(thy / "empty frame.png")},
+        # "img 1 copy.png" sorts before "img 1.png" (' ' < '.'): the copy is kept, the original dropped
+        "duplicate": {str(thy / "scans day 1" / "img 1.png")},
+        "duplicate_of": str(thy / "scans day 1" / "img 1 copy.png"),
+        # 13 stills; the source's stride 5 keeps mp4 frames 0,5,10,15,20 and cine frames 0,5,10
+        "per_source": {"Thyroid US": 13, "Cardiac clips": 5 + 3 + 1},
+        "mp4_frames": [0, 5, 10, 15, 20],
+        "dicom_frames": [0, 5, 10],
+    }
+    return Dataset(mapping, base, expect)
