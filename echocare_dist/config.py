@@ -42,7 +42,9 @@ class CurationConfig:
     min_nonzero: int = 1000           # drop frames with fewer non-zero pixels after cropping
     dark_threshold: int = 12          # gray level under which a pixel counts as background for the crop
     crop_margin: int = 2              # pixels kept around the detected ultrasound content
-    crop_component_fraction: float = 0.1  # bright blobs smaller than this share of the largest are text/markers
+    crop_min_feature: float = 0.04    # content is thicker than this share of the short side; thinner = overlay
+    crop_component_fraction: float = 0.05  # content pieces smaller than this share of the largest are dropped
+    crop_min_texture: float = 0.02    # speckle contrast below which a blob is flat graphics (logo, bar), not B-mode
     crop_blank_outside: bool = True   # zero what lies inside the crop box but outside the content (corner text)
     max_side: int = 1024              # larger frames are downscaled (keeps shards lean); 0 = never
     near_dedup: bool = False          # perceptual-hash near-duplicate removal
@@ -126,6 +128,7 @@ class ModelConfig:
     num_heads: Optional[tuple] = None
     drop_path_rate: float = 0.1
     grad_checkpointing: bool = False
+    fused_attn: bool = True            # window attention through torch SDPA (timm's default for Swin is the explicit softmax)
     decoder: Literal["multiscale", "linear"] = "multiscale"
     decoder_dim: int = 256
     hie_head: bool = True
@@ -468,6 +471,7 @@ def validate(cfg: Config) -> Config:
         _require((layout["embed_dim"] * 2 ** stage) % heads[stage] == 0,
                  f"stage {stage}: dim {layout['embed_dim'] * 2 ** stage} not divisible by num_heads {heads[stage]}")
     _require(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+    _require(m.decoder_dim > 0, f"model.decoder_dim must be positive, got {m.decoder_dim}")
     t, o = cfg.train, cfg.optim
     _require(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0..3, got {t.zero_stage}")
     _require(t.micro_batch > 0, f"train.micro_batch must be positive, got {t.micro_batch}")
@@ -523,6 +527,9 @@ def validate(cfg: Config) -> Config:
     _require(c.chunk_files >= 1, f"curation.chunk_files must be >= 1, got {c.chunk_files}")
     _require(0 <= c.dark_threshold < 255, f"curation.dark_threshold must be in [0, 255), got {c.dark_threshold}")
     _require(c.crop_margin >= 0, f"curation.crop_margin must be >= 0, got {c.crop_margin}")
+    _require(0.0 <= c.crop_min_feature < 0.5,
+             f"curation.crop_min_feature must be in [0, 0.5), got {c.crop_min_feature}")
+    _require(c.crop_min_texture >= 0, f"curation.crop_min_texture must be >= 0, got {c.crop_min_texture}")
     _require(0.0 < c.crop_component_fraction <= 1.0,
              f"curation.crop_component_fraction must be in (0, 1], got {c.crop_component_fraction}")
     _require(c.max_side >= 0, f"curation.max_side must be >= 0 (0 = never downscale), got {c.max_side}")

@@ -66,7 +66,9 @@ class CheckpointRef:
 
 
 def _looks_like_tag_dir(path: Path) -> bool:
-    return (path / STAGE012_MODEL_FILE).is_file() or (path / ZERO3_RANK0_MODEL_FILE).is_file()
+    from .train.checkpoint import META, step_of
+    return (step_of(path.name) is not None or (path / META).is_file()
+            or any(path.glob("*_model_states.pt")) or any(path.glob("*_optim_states.pt")))
 
 
 def resolve_checkpoint(path: str | Path, tag: str | None = None) -> CheckpointRef:
@@ -78,7 +80,7 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> CheckpointRe
         raise ExportError(f"{path} does not exist")
     if (path / "checkpoints").is_dir():
         root, run_dir = path / "checkpoints", path
-    elif _looks_like_tag_dir(path) or (path / "meta.json").is_file():
+    elif path.is_dir() and _looks_like_tag_dir(path):
         if tag is not None and tag != path.name:
             raise ExportError(f"{path} is the tag directory {path.name!r}, but --tag {tag!r} was given")
         root, tag = path.parent, path.name

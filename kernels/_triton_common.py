@@ -56,7 +56,14 @@ class Launch:
     num_warps: int = 4
 
     def __call__(self) -> None:
-        if all(g > 0 for g in self.grid):
+        if not all(g > 0 for g in self.grid):
+            return
+        device = next(a.device for a in self.args if isinstance(a, torch.Tensor))
+        if device.type == "cuda":
+            # Triton launches on the *current* device: make it the tensors' one (multi-GPU hosts).
+            with torch.cuda.device(device):
+                self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+        else:
             self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
 
     def ast_source(self):

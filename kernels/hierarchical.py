@@ -29,19 +29,21 @@ from ._triton_common import Launch, check_triton_device, finalize_mean, is_inter
 # tiles, since every program costs ~1 ms whatever its size.
 GPU_BLOCK_B, GPU_MAX_BLOCK_C, GPU_MAX_BLOCK_K, GPU_WARPS = 2, 128, 16, 4
 INTERPRETER_BLOCK_B, INTERPRETER_MAX_BLOCK_C, INTERPRETER_MAX_BLOCK_K = 64, 128, 64
-NO_NODE = 2 ** 31 - 1
+NO_NODE = tl.constexpr(2 ** 31 - 1)   # "no node yet": above every node index
 
 
 @triton.jit
 def _table_extreme(z_ptr, s_zb, s_zc, table_ptr, s_t, K, rows, nodes, active,
                    IS_MAX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per (row, node) where `active`: extreme of z[row, u] over u in table[node] and its lowest
-    attaining u (NO_NODE where nothing is active)."""
+    attaining u (NO_NODE where nothing is active). A NaN among the z makes the extreme NaN and
+    its node the lowest NaN one, as in the reference: a diverged head shows up in the loss."""
     if IS_MAX:
         best = tl.full([BLOCK_B, BLOCK_C], float("-inf"), tl.float32)
     else:
         best = tl.full([BLOCK_B, BLOCK_C], float("inf"), tl.float32)
-    best_node = tl.full([BLOCK_B, BLOCK_C], 2147483647, tl.int32)
+    best_node = tl.full([BLOCK_B, BLOCK_C], NO_NODE, tl.int32)
+    nan_node = tl.full([BLOCK_B, BLOCK_C], NO_NODE, tl.int32)
     row_base = rows.to(tl.int64)[:, None, None] * s_zb
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -49,6 +51,7 @@ def _table_extreme(z_ptr, s_zb, s_zc, table_ptr, s_t, K, rows, nodes, active,
         u = tl.load(table_ptr + nodes[:, None] * s_t + ks[None, :], mask=in_table, other=-1)  # (C, K)
         use = active[:, :, None] & (u >= 0)[None, :, :]
         z = tl.load(z_ptr + row_base + u[None, :, :] * s_zc, mask=use, other=0.0).to(tl.float32)
+        nan_node = tl.minimum(nan_node, tl.min(tl.where(z != z, u[None, :, :], NO_NODE), axis=2))
         if IS_MAX:
             z = tl.where(use, z, float("-inf"))
             chunk_best = tl.max(z, axis=2)
@@ -56,7 +59,7 @@ def _table_extreme(z_ptr, s_zb, s_zc, table_ptr, s_t, K, rows, nodes, active,
             z = tl.where(use, z, float("inf"))
             chunk_best = tl.min(z, axis=2)
         hit = use & (z == chunk_best[:, :, None])
-        chunk_node = tl.min(tl.where(hit, u[None, :, :], 2147483647), axis=2)
+        chunk_node = tl.min(tl.where(hit, u[None, :, :], NO_NODE), axis=2)
         if IS_MAX:
             better = chunk_best > best
         else:
@@ -64,6 +67,9 @@ def _table_extreme(z_ptr, s_zb, s_zc, table_ptr, s_t, K, rows, nodes, active,
         tie = chunk_best == best
         best_node = tl.where(better, chunk_node, tl.where(tie, tl.minimum(best_node, chunk_node), best_node))
         best = tl.where(better, chunk_best, best)
+    has_nan = nan_node < NO_NODE
+    best = tl.where(has_nan, float("nan"), best)
+    best_node = tl.where(has_nan, nan_node, best_node)
     return best, best_node
 
 

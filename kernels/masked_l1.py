@@ -29,7 +29,11 @@ INTERPRETER_TILE, INTERPRETER_MAX_BLOCK_W = 1 << 17, 1024
 
 
 @triton.jit
-def _tile_coordinates(C, H, W, tiles_w, tiles_per_plane, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+def _load_masked_tile(pred_ptr, target_ptr, mask_ptr, C, H, W, tiles_w, tiles_per_plane,
+                      sp_b, sp_c, sp_h, sp_w, st_b, st_c, st_h, st_w, sm_b, sm_h, sm_w,
+                      PATCH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """This program's tile: pixel coordinates, the token mask at those pixels, and pred / target
+    in float32 (0 wherever the token is not masked: those bytes are never read)."""
     pid = tl.program_id(0)
     plane = pid // tiles_per_plane
     tile = pid % tiles_per_plane
@@ -38,7 +42,13 @@ def _tile_coordinates(C, H, W, tiles_w, tiles_per_plane, BLOCK_H: tl.constexpr, 
     h = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
     w = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
     inside = (h[:, None] < H) & (w[None, :] < W)
-    return pid, b, c, h, w, inside
+    token = (h // PATCH)[:, None] * sm_h + (w // PATCH)[None, :] * sm_w
+    selected = tl.load(mask_ptr + b * sm_b + token, mask=inside, other=0) != 0
+    x = tl.load(pred_ptr + b * sp_b + c * sp_c + h[:, None] * sp_h + w[None, :] * sp_w,
+                mask=selected, other=0.0).to(tl.float32)
+    y = tl.load(target_ptr + b * st_b + c * st_c + h[:, None] * st_h + w[None, :] * st_w,
+                mask=selected, other=0.0).to(tl.float32)
+    return pid, b, c, h, w, inside, selected, x, y
 
 
 @triton.jit
@@ -46,13 +56,9 @@ def _masked_l1_fwd_kernel(pred_ptr, target_ptr, mask_ptr, partial_sum_ptr, parti
                           C, H, W, tiles_w, tiles_per_plane,
                           sp_b, sp_c, sp_h, sp_w, st_b, st_c, st_h, st_w, sm_b, sm_h, sm_w,
                           PATCH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    pid, b, c, h, w, inside = _tile_coordinates(C, H, W, tiles_w, tiles_per_plane, BLOCK_H, BLOCK_W)
-    token = (h // PATCH)[:, None] * sm_h + (w // PATCH)[None, :] * sm_w
-    selected = tl.load(mask_ptr + b * sm_b + token, mask=inside, other=0) != 0
-    x = tl.load(pred_ptr + b * sp_b + c * sp_c + h[:, None] * sp_h + w[None, :] * sp_w,
-                mask=selected, other=0.0).to(tl.float32)
-    y = tl.load(target_ptr + b * st_b + c * st_c + h[:, None] * st_h + w[None, :] * st_w,
-                mask=selected, other=0.0).to(tl.float32)
+    pid, b, c, h, w, inside, selected, x, y = _load_masked_tile(
+        pred_ptr, target_ptr, mask_ptr, C, H, W, tiles_w, tiles_per_plane,
+        sp_b, sp_c, sp_h, sp_w, st_b, st_c, st_h, st_w, sm_b, sm_h, sm_w, PATCH, BLOCK_H, BLOCK_W)
     tl.store(partial_sum_ptr + pid, tl.sum(tl.sum(tl.abs(x - y), axis=1), axis=0))
     tl.store(partial_count_ptr + pid, tl.sum(tl.sum(selected.to(tl.int32), axis=1), axis=0))
 
@@ -63,16 +69,13 @@ def _masked_l1_bwd_kernel(pred_ptr, target_ptr, mask_ptr, grad_ptr, inv_count_pt
                           sp_b, sp_c, sp_h, sp_w, st_b, st_c, st_h, st_w, sm_b, sm_h, sm_w,
                           sg_b, sg_c, sg_h, sg_w,
                           PATCH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    pid, b, c, h, w, inside = _tile_coordinates(C, H, W, tiles_w, tiles_per_plane, BLOCK_H, BLOCK_W)
-    token = (h // PATCH)[:, None] * sm_h + (w // PATCH)[None, :] * sm_w
-    selected = tl.load(mask_ptr + b * sm_b + token, mask=inside, other=0) != 0
-    x = tl.load(pred_ptr + b * sp_b + c * sp_c + h[:, None] * sp_h + w[None, :] * sp_w,
-                mask=selected, other=0.0).to(tl.float32)
-    y = tl.load(target_ptr + b * st_b + c * st_c + h[:, None] * st_h + w[None, :] * st_w,
-                mask=selected, other=0.0).to(tl.float32)
+    pid, b, c, h, w, inside, selected, x, y = _load_masked_tile(
+        pred_ptr, target_ptr, mask_ptr, C, H, W, tiles_w, tiles_per_plane,
+        sp_b, sp_c, sp_h, sp_w, st_b, st_c, st_h, st_w, sm_b, sm_h, sm_w, PATCH, BLOCK_H, BLOCK_W)
     scale = tl.load(inv_count_ptr) * tl.load(grad_out_ptr)
     d = x - y   # 0 outside the mask (both loads fell back to 0), so the gradient is 0 there
     grad = tl.where(d > 0, scale, tl.where(d < 0, -scale, 0.0))
+    # Every pixel is written (zeros included): the gradient buffer comes from torch.empty.
     tl.store(grad_ptr + b * sg_b + c * sg_c + h[:, None] * sg_h + w[None, :] * sg_w,
              grad.to(grad_ptr.dtype.element_ty), mask=inside)
 

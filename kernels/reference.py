@@ -46,7 +46,9 @@ def table_extreme_reference(values: torch.Tensor, table: torch.Tensor, largest: 
     fill = float("-inf") if largest else float("inf")
     gathered = gathered.masked_fill(~valid, fill)
     extreme = gathered.amax(-1) if largest else gathered.amin(-1)
-    hit = valid & (gathered == extreme.unsqueeze(-1))
+    nan = gathered.isnan()
+    # A NaN extreme is attained by the (lowest) NaN entry, so the NaN reaches the loss.
+    hit = valid & torch.where(extreme.isnan().unsqueeze(-1), nan, gathered == extreme.unsqueeze(-1))
     index = torch.where(hit, idx, torch.iinfo(torch.int64).max).amin(-1)
     return extreme, index
 

@@ -226,7 +226,7 @@ def test_refuses_weights_that_do_not_match_the_config(ckpts, tmp_path):
     states = torch.load(f, weights_only=False)
     states["config"]["model"]["embed_dim"] = 48  # the run's config now names a wider Swin
     torch.save(states, f)
-    with pytest.raises(ExportError, match="shape mismatch.*patch_embed"):
+    with pytest.raises(ExportError, match=r"do not match the architecture.*shape mismatch.*vs config"):
         export_checkpoint(run, tmp_path / "out", progress=False)
 
 

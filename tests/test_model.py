@@ -155,7 +155,7 @@ def test_grad_checkpointing_same_results_less_memory():
 
 def test_encoder_state_dict_loads_into_plain_timm():
     """What export does: a fresh timm model from the config loads the encoder strictly and agrees."""
-    cfg = tiny_model_cfg()
+    cfg = tiny_model_cfg(fused_attn=False)  # timm's own default kernel for Swin: bit-identical
     model = build_model(cfg, NUM_CLASSES).eval()
     layout = swin_layout(cfg)
     plain = timm.create_model(cfg.arch, pretrained=False, img_size=cfg.img_size, patch_size=cfg.patch_size,
@@ -216,3 +216,19 @@ def test_param_groups_read_zero3_true_shape():
     layer.weight.ds_shape = torch.Size([4, 4])
     groups = param_groups(layer, weight_decay=0.1)
     assert groups[0]["params"] == [layer.weight] and groups[1]["params"] == [layer.bias]
+
+
+def test_fused_attention_matches_explicit_softmax():
+    cfg = tiny_model_cfg()
+    torch.manual_seed(0)
+    fused = build_model(cfg, NUM_CLASSES).eval()
+    explicit = build_model(dataclasses.replace(cfg, fused_attn=False), NUM_CLASSES).eval()
+    explicit.load_state_dict(fused.state_dict())
+    attn = [m for m in fused.modules() if type(m).__name__ == "WindowAttention"]
+    assert attn and all(m.fused_attn for m in attn)
+    assert not any(m.fused_attn for m in explicit.modules() if type(m).__name__ == "WindowAttention")
+    x, mask = make_batch(cfg)
+    with torch.no_grad():
+        a, b = fused(x, mask), explicit(x, mask)
+    torch.testing.assert_close(a["recon"], b["recon"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a["logits"], b["logits"], rtol=1e-4, atol=1e-5)

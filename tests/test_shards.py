@@ -21,7 +21,7 @@ from echocare_dist.curation import builder as builder_mod
 from echocare_dist.curation.mapping import load_mapping
 from echocare_dist.curation.media import to_uint8
 from echocare_dist.curation.neardup import NearDuplicateIndex, max_distance
-from echocare_dist.curation.preprocess import FrameParams, crop_content, phash64
+from echocare_dist.curation.preprocess import FrameParams, crop_content, curate_frame, phash64
 from test_shards_data import make_dataset, ultrasound
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,23 +63,60 @@ def built(dataset, tmp_path_factory, ontology):
 
 
 # ------------------------------------------------------------------------------------ units
-def test_crop_removes_border_text_and_corner_glyphs():
+def draw_graphics(img: np.ndarray) -> None:
+    """Scanner overlays that are not text, right of the sector: a grey-scale bar and a logo, each
+    thicker than the opening kernel and larger than `crop_component_fraction` of the sector, so
+    only their flatness tells them apart from B-mode content."""
+    h, w = img.shape
+    img[100:300, w - 30:w - 8] = np.linspace(20, 255, 200).astype(np.uint8)[:, None]
+    cv2.rectangle(img, (w - 80, 2), (w - 18, 64), 255, 1)
+    cv2.circle(img, (w - 49, 33), 28, 230, -1)
+
+
+def test_crop_removes_border_text_graphics_and_corner_glyphs():
     params = FrameParams.from_config(load_config("tiny_cpu").curation)
     clean, sector = ultrasound(360, 480, seed=3, border_text=False)
     texted, _ = ultrasound(360, 480, seed=3, border_text=True, corner_text=True)
-    assert (texted != clean).sum() > 200  # the text is really there
+    draw_graphics(texted)
+    assert (texted != clean).sum() > 500  # the overlays are really there
     out, box = crop_content(texted, params)
-    m = params.crop_margin + 3  # margin + blur/opening rim
-    assert all(abs(a - b) <= m for a, b in zip(box, sector)), (box, sector)
-    # Border text is outside the box; the corner glyph inside the box is blanked: the result equals
-    # the same frame cropped without any text.
+    assert all(abs(a - b) <= params.crop_margin for a, b in zip(box, sector)), (box, sector)
+    # Border text and graphics are outside the box; the corner glyph inside the box is blanked:
+    # the result equals the same frame cropped without any overlay.
     ref, ref_box = crop_content(clean, params)
     assert box == ref_box
     np.testing.assert_array_equal(out, ref)
-    # Without blanking the corner glyph stays (so the check above tests the blanking).
-    keep = FrameParams(**{**params.__dict__, "blank_outside": False})
-    out_kept, _ = crop_content(texted, keep)
+    # Without blanking the corner glyph stays; without the texture test the graphics count as
+    # content (so the checks above test both).
+    out_kept, _ = crop_content(texted, FrameParams(**{**params.__dict__, "blank_outside": False}))
     assert (out_kept != ref).sum() > 10
+    _, box_flat = crop_content(texted, FrameParams(**{**params.__dict__, "min_texture": 0.0}))
+    assert box_flat[2] > box[2] + 40
+
+
+def test_crop_keeps_a_sector_split_by_dark_fluid():
+    params = FrameParams.from_config(load_config("tiny_cpu").curation)
+    img, sector = ultrasound(400, 400, seed=5)
+    x0, y0, x1, y1 = sector
+    band = slice(y0 + (y1 - y0) // 3, y0 + (y1 - y0) // 2)
+    fan = img[band, x0:x1] > 0
+    img[band, x0:x1][fan] = 5  # anechoic fluid: below the dark threshold, cuts the fan in two
+    out, box = crop_content(img, params)
+    assert all(abs(a - b) <= params.crop_margin for a, b in zip(box, sector)), (box, sector)
+    # The fluid between the pieces is content (inside the hull): not blanked to 0.
+    fluid = out[band.start - box[1]:band.stop - box[1], x0 - box[0]:x1 - box[0]]
+    assert (fluid == 5).sum() >= 0.9 * fan.sum()
+
+
+def test_downscale_keeps_the_dedupe_key():
+    params = FrameParams.from_config(load_config("tiny_cpu").curation)
+    img, _ = ultrasound(360, 480, seed=4)
+    full = curate_frame(img, params)
+    small = curate_frame(img, FrameParams(**{**params.__dict__, "max_side": 100}))
+    assert max(small.width, small.height) == 100 < max(full.width, full.height)
+    assert small.key == full.key  # the key hashes the cropped pixels before downscaling
+    dec = cv2.imdecode(np.frombuffer(small.jpeg, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert dec.shape == (small.height, small.width)
 
 
 def test_to_uint8_scales_16_bit_and_keeps_black():
@@ -247,6 +284,35 @@ def test_shards_are_globally_shuffled(built):
     assert len(set(first)) == 2
 
 
+def test_seed_changes_the_order_not_the_content(built, dataset, tmp_path, ontology):
+    out, m = built
+    other = build_shards([dataset.mapping], tmp_path / "s1", curation_config(workers=1, seed=1), ontology,
+                         progress=False)
+    def order(folder: Path) -> list[str]:
+        names = []
+        for tar in sorted(folder.glob("shard-*.tar")):
+            with tarfile.open(tar) as tf:
+                names += tf.getnames()
+        return names
+
+    assert order(tmp_path / "s1") != order(out)
+    assert sorted(order(tmp_path / "s1")) == sorted(order(out))
+    assert other["per_node"] == m["per_node"] and other["rejected"] == m["rejected"]
+
+
+def test_shard_byte_limit(dataset, tmp_path, ontology):
+    limit = 64 * 1024
+    m = build_shards([dataset.mapping], tmp_path / "b", curation_config(workers=1, shard_max_bytes=limit,
+                                                                         shard_max_samples=1000),
+                     ontology, progress=False)
+    assert len(m["shards"]) > 2 and m["num_samples"] == 22
+    for s in m["shards"]:
+        assert s["bytes"] == (tmp_path / "b" / s["name"]).stat().st_size
+        assert s["bytes"] <= limit or s["samples"] == 1
+    # Greedy: a shard was only closed because the next sample would not fit.
+    assert sum(s["bytes"] for s in m["shards"][:-1]) > 0.6 * limit * (len(m["shards"]) - 1)
+
+
 def read_samples_first(tar: Path) -> list[dict]:
     with tarfile.open(tar) as tf:
         return [{"json": tf.extractfile(x).read()} for x in tf if x.name.endswith(".json")]
@@ -407,7 +473,7 @@ def test_cli_verify_inspect_and_bad_mapping(built, tmp_path):
     sheet = tmp_path / "sheet.png"
     i = run("inspect", str(out), "--config", "tiny_cpu", "--num", "9", "--out", str(sheet))
     assert i.returncode == 0, i.stderr
-    assert "22 samples" in i.stdout and "duplicate 1" in i.stdout
+    assert "22 samples" in i.stdout and "duplicate 2" in i.stdout and "corrupt 4" in i.stdout
     from PIL import Image
     with Image.open(sheet) as im:
         assert im.size == (3 * 192, 3 * (192 + 40))
@@ -421,3 +487,33 @@ def test_cli_verify_inspect_and_bad_mapping(built, tmp_path):
     (broken / m["shards"][0]["name"]).write_bytes(b"truncated")
     v = run("verify", str(broken))
     assert v.returncode == 1 and "shard-000000.tar" in v.stderr
+
+
+def test_discovery_sorted_skips_hidden_and_survives_symlink_loops(tmp_path):
+    from echocare_dist.curation.media import discover
+    root = tmp_path / "root"
+    (root / "b dir").mkdir(parents=True)
+    img, _ = ultrasound(100, 120, seed=0)
+    for name in ("b dir/z.png", "a.JPG", "._a.jpg", "b dir/notes.txt"):
+        cv2.imwrite(str(root / name), img) if not name.endswith(".txt") else (root / name).write_text("x")
+    (root / "b dir" / "loop").symlink_to(root, target_is_directory=True)
+    (root / ".hidden").mkdir()
+    cv2.imwrite(str(root / ".hidden" / "x.png"), img)
+    files, skipped = discover(root)
+    assert [f.relpath for f in files] == ["a.JPG", "b dir/z.png"]
+    assert [Path(s).name for s in skipped] == ["notes.txt"]
+
+
+def test_external_staging_dir_is_cleaned_but_kept_and_builds_are_exclusive(dataset, built, tmp_path, ontology):
+    out, _ = built
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "someone else's file").write_text("keep me")
+    target = tmp_path / "ext"
+    build_shards([dataset.mapping], target, curation_config(workers=1, staging_dir=str(scratch)), ontology,
+                 progress=False)
+    assert tree_digest(target) == tree_digest(out)
+    assert sorted(p.name for p in scratch.iterdir()) == ["someone else's file"]
+    with builder_mod._exclusive(target.resolve()):
+        with pytest.raises(builder_mod.CurationError, match="another"):
+            build_shards([dataset.mapping], target, curation_config(workers=1), ontology, progress=False)

@@ -139,6 +139,9 @@ def make_dataset(base: Path) -> Dataset:
     write_dicom(card / "cine loop.dcm", cine)
     single = to_rgb(ultrasound(180, 220, seed=300)[0])[None]
     write_dicom(card / "IM0001", single, rgb=True)
+    (card / "broken clip.mp4").write_bytes(bytes(range(256)) * 8)                # corrupt video
+    cine_bytes = (card / "cine loop.dcm").read_bytes()
+    (card / "cut cine.dcm").write_bytes(cine_bytes[: len(cine_bytes) // 3])     # truncated DICOM
 
     mapping = base / "mapping.yaml"
     mapping.write_text(
@@ -160,10 +163,12 @@ def make_dataset(base: Path) -> Dataset:
         "        labels: [left_ventricle]\n")
     expect = {
         "samples": 13 + 9,
-        "corrupt": {str(thy / "nodules" / "broken.jpg"), str(thy / "garbage.png")},
+        "corrupt": {str(thy / "nodules" / "broken.jpg"), str(thy / "garbage.png"),
+                    str(card / "broken clip.mp4"), str(card / "cut cine.dcm")},
         "too_few_pixels": {str(thy / "empty frame.png")},
         # "img 1 copy.png" sorts before "img 1.png" (' ' < '.'): the copy is kept, the original dropped
-        "duplicate": {str(thy / "scans day 1" / "img 1.png")},
+        # the cut cine's frame 0 still decodes: a duplicate of the full cine's frame 0
+        "duplicate": {str(thy / "scans day 1" / "img 1.png"), str(card / "cut cine.dcm")},
         "duplicate_of": str(thy / "scans day 1" / "img 1 copy.png"),
         # 13 stills; the source's stride 5 keeps mp4 frames 0,5,10,15,20 and cine frames 0,5,10
         "per_source": {"Thyroid US": 13, "Cardiac clips": 5 + 3 + 1},

@@ -18,12 +18,15 @@ mtimes), so a build that crashed and was resumed is byte-identical to a clean on
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+from array import array
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 STAGING_NAME = ".staging"
+LOCK_NAME = ".build.lock"
 SHARD_RE = re.compile(r"^shard-(\d{6})\.(tar|idx)$")
 REJECT_REASONS = ("corrupt", "too_few_pixels", "duplicate", "near_duplicate")
 TAR_BLOCK, TAR_RECORD = 512, 10240
@@ -169,13 +173,15 @@ class Plan:
     chunk: np.ndarray           # int32
     offset: np.ndarray          # int64
     lengths: np.ndarray         # int32 (N, 3): jpg, lbl, json
-    file_id: np.ndarray         # int64
-    frame: list
     shards: list[np.ndarray]    # staged-sample indices per shard, in shard order
     rejected: dict
     per_source: dict
     per_node: dict
     source_detail: list
+
+
+def _as_numpy(values: array, dtype) -> np.ndarray:
+    return np.frombuffer(values, dtype=dtype) if len(values) else np.zeros(0, dtype)
 
 
 def _sample_ref(inputs: Inputs, file_id: int, frame) -> dict:
@@ -184,7 +190,10 @@ def _sample_ref(inputs: Inputs, file_id: int, frame) -> dict:
 
 def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
     c = cfg.curation
-    keys, phashes, chunk, offset, lengths, file_id, frame = [], [], [], [], [], [], []
+    # Typed arrays, not lists of Python ints: ~50 bytes per staged sample at millions of samples.
+    keys, phashes = array("Q"), array("Q")
+    chunk, lengths = array("i"), array("i")
+    offset, file_id, frames = array("q"), array("q"), array("q")  # frame -1 = a still image
     rejected = {r: [] for r in REJECT_REASONS}
     rejected_per_source: dict[str, int] = {s.name: 0 for s in inputs.sources}
     for t in inputs.chunks:
@@ -196,17 +205,26 @@ def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
                 phashes.append(int(ph, 16))
                 chunk.append(t.index)
                 offset.append(off)
-                lengths.append((lj, ll, ls))
+                lengths.extend((lj, ll, ls))
                 file_id.append(fid)
-                frame.append(fr)
+                frames.append(-1 if fr is None else fr)
             for reason, fr, detail in fe["rejected"]:
                 item = _sample_ref(inputs, fid, fr)
                 item["error" if reason == "corrupt" else "detail"] = detail
                 rejected[reason].append(item)
                 rejected_per_source[inputs.files[fid].source] += 1
     n = len(keys)
-    keys_a = np.asarray(keys, dtype=np.uint64)
-    file_a = np.asarray(file_id, dtype=np.int64)
+    keys_a, file_a = _as_numpy(keys, np.uint64), _as_numpy(file_id, np.int64)
+
+    def ref(i: int) -> dict:
+        fr = frames[i]
+        return _sample_ref(inputs, int(file_a[i]), None if fr < 0 else fr)
+
+    def reject(reason: str, i: int, of: int) -> None:
+        item = ref(i)
+        item["of"] = {"key": f"{int(keys_a[of]):016x}", **ref(of)}
+        rejected[reason].append(item)
+        rejected_per_source[inputs.files[int(file_a[i])].source] += 1
 
     # Exact duplicates: the first occurrence in (sorted) file order is kept.
     keep = np.zeros(n, dtype=bool)
@@ -215,21 +233,14 @@ def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
         first_of = first[inverse.ravel()]
         keep = first_of == np.arange(n)
         for i in np.flatnonzero(~keep):
-            j = int(first_of[i])
-            item = _sample_ref(inputs, int(file_a[i]), frame[i])
-            item["of"] = {"key": f"{keys[j]:016x}", **_sample_ref(inputs, int(file_a[j]), frame[j])}
-            rejected["duplicate"].append(item)
-            rejected_per_source[inputs.files[int(file_a[i])].source] += 1
+            reject("duplicate", int(i), int(first_of[i]))
     if c.near_dedup:
         index = NearDuplicateIndex(c.near_dedup_similarity)
         for i in np.flatnonzero(keep):
             j = index.add(phashes[i], int(i))
             if j is not None:
                 keep[i] = False
-                item = _sample_ref(inputs, int(file_a[i]), frame[i])
-                item["of"] = {"key": f"{keys[j]:016x}", **_sample_ref(inputs, int(file_a[j]), frame[j])}
-                rejected["near_duplicate"].append(item)
-                rejected_per_source[inputs.files[int(file_a[i])].source] += 1
+                reject("near_duplicate", int(i), j)
 
     kept = np.flatnonzero(keep)
     per_source = {s.name: 0 for s in inputs.sources}
@@ -243,7 +254,7 @@ def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
         positives += (ontology.label_vector(labels) == 1).astype(np.int64) * count
     per_node = {name: int(v) for name, v in zip(ontology.names, positives)}
 
-    lengths_a = np.asarray(lengths, dtype=np.int64).reshape(-1, 3)
+    lengths_a = _as_numpy(lengths, np.int32).reshape(-1, 3)
     order = kept[np.random.default_rng(c.seed).permutation(len(kept))]
     shards = _cut(order, lengths_a, c.shard_max_samples, c.shard_max_bytes)
 
@@ -255,8 +266,8 @@ def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
     for reason, items in rejected.items():
         rejected_out[reason] = {"count": len(items), "paths": list(dict.fromkeys(i["path"] for i in items)),
                                 "details": items}
-    return Plan(keys_a, np.asarray(chunk, dtype=np.int32), np.asarray(offset, dtype=np.int64), lengths_a,
-                file_a, frame, shards, rejected_out, per_source, per_node, source_detail)
+    return Plan(keys_a, _as_numpy(chunk, np.int32), _as_numpy(offset, np.int64), lengths_a,
+                shards, rejected_out, per_source, per_node, source_detail)
 
 
 def tar_member_bytes(size: np.ndarray | int):
@@ -362,11 +373,10 @@ def write_all(plan: Plan, chunks: list[ChunkTask], out_dir: Path, staging: Path,
 
 def _remove_leftovers(out_dir: Path, num_shards: int | None) -> None:
     """Temporary files of interrupted writes and, once the shard count is known, shards beyond it."""
+    ours = (".shard-", f".{MANIFEST}.", ".config.resolved.yaml.")
     for entry in out_dir.iterdir():
         name = entry.name
-        if name.startswith(".shard-") and (name.endswith(".partial") or name.endswith(".tmp")):
-            entry.unlink(missing_ok=True)
-        elif name.startswith(f".{MANIFEST}.") and name.endswith(".tmp"):
+        if name.startswith(ours) and name.endswith((".partial", ".tmp")):
             entry.unlink(missing_ok=True)
         elif num_shards is not None:
             m = SHARD_RE.match(name)
@@ -403,14 +413,45 @@ def _manifest_up_to_date(out_dir: Path, fingerprint: str) -> dict | None:
     return manifest
 
 
+@contextlib.contextmanager
+def _exclusive(out_dir: Path):
+    """One build per shard directory at a time (two would overwrite each other's shards)."""
+    lock_path = out_dir / LOCK_NAME
+    with open(lock_path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CurationError(f"{out_dir}: another `shards build` is running there") from None
+        except OSError:  # file systems without flock (some NFS mounts): go on unguarded
+            pass
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+
+
+def staging_dir(cfg: Config, out_dir: Path) -> Path:
+    """Where stage 1 spills. With `curation.staging_dir` set (e.g. node-local NVMe) we use a
+    sub-folder named after the output, never the folder itself: it is deleted after success."""
+    if not cfg.curation.staging_dir:
+        return out_dir / STAGING_NAME
+    tag = hashlib.sha256(str(out_dir).encode()).hexdigest()[:12]
+    return Path(cfg.curation.staging_dir).expanduser().resolve() / f"echocare-staging-{out_dir.name}-{tag}"
+
+
 def build_shards(mappings: list[Path], out_dir: Path, cfg: Config, ontology: Ontology,
                  progress: bool = True) -> dict:
     """Build (or finish, or confirm) the shards of `mappings` in `out_dir`; returns the manifest."""
-    c = cfg.curation
     sources = load_mappings([Path(m) for m in mappings], ontology)  # all checks before any work
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(c.staging_dir).expanduser().resolve() if c.staging_dir else out_dir / STAGING_NAME
+    with _exclusive(out_dir):
+        return _build(sources, out_dir, cfg, ontology, progress)
+
+
+def _build(sources: list[Source], out_dir: Path, cfg: Config, ontology: Ontology, progress: bool) -> dict:
+    c = cfg.curation
+    staging = staging_dir(cfg, out_dir)
     inputs = collect_inputs(sources, cfg, ontology, staging, exclude=(out_dir, staging))
     fingerprint = build_fingerprint(inputs, cfg, ontology)
 

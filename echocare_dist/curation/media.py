@@ -59,8 +59,13 @@ def discover(root: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[MediaFile
     files: list[MediaFile] = []
     skipped: list[str] = []
     excluded = {os.path.realpath(p) for p in exclude}
+    visited: set[str] = set()  # real paths: a symlink loop is walked once
 
     def walk(folder: str, rel: str) -> None:
+        real = os.path.realpath(folder)
+        if real in visited or real in excluded:
+            return
+        visited.add(real)
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
@@ -75,8 +80,7 @@ def discover(root: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[MediaFile
             except OSError:
                 is_dir = False
             if is_dir:
-                if os.path.realpath(entry.path) not in excluded:
-                    walk(entry.path, relpath + "/")
+                walk(entry.path, relpath + "/")
                 continue
             kind = media_kind(entry.path)
             if kind is None:

@@ -25,6 +25,8 @@ class FrameParams:
     dark_threshold: int
     crop_margin: int
     component_fraction: float
+    min_feature: float
+    min_texture: float
     blank_outside: bool
     min_nonzero: int
     max_side: int
@@ -32,8 +34,8 @@ class FrameParams:
 
     @classmethod
     def from_config(cls, c: CurationConfig) -> "FrameParams":
-        return cls(c.dark_threshold, c.crop_margin, c.crop_component_fraction, c.crop_blank_outside,
-                   c.min_nonzero, c.max_side, c.jpeg_quality)
+        return cls(c.dark_threshold, c.crop_margin, c.crop_component_fraction, c.crop_min_feature,
+                   c.crop_min_texture, c.crop_blank_outside, c.min_nonzero, c.max_side, c.jpeg_quality)
 
 
 @dataclass
@@ -55,39 +57,66 @@ class Rejected(Exception):
         self.reason = reason
 
 
-def _odd(n: int) -> int:
-    return n | 1
+def _odd(n: float) -> int:
+    return max(3, int(round(n)) | 1)
 
 
 def content_mask(gray: np.ndarray, p: FrameParams) -> tuple[tuple[int, int, int, int] | None, np.ndarray | None]:
-    """(x0, y0, x1, y1) of the main content (with margin) and a uint8 mask of it, or (None, None)."""
+    """(x0, y0, x1, y1) of the main content (with margin) and a uint8 mask of where it lies
+    (None when blanking is off), or (None, None) when nothing is brighter than the threshold."""
     h, w = gray.shape
-    k = max(3, _odd(min(h, w) // 100))  # scales with the image: ~1% of the short side
-    blurred = cv2.blur(gray, (k, k))
-    fg = (blurred > p.dark_threshold).astype(np.uint8)
-    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, np.ones((k, k), np.uint8))
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    short = min(h, w)
+    # Median: speckle becomes a solid region while strokes a few pixels wide (text) vanish.
+    smooth = cv2.medianBlur(gray, _odd(short * 0.01))
+    fg = (smooth > p.dark_threshold).astype(np.uint8)
+    # Opening with a kernel of `min_feature` of the short side keeps only what is thick in both
+    # directions: the sector (or its pieces, when fluid splits it) but not text lines, scale
+    # bars, tick marks, logos or ECG traces.
+    k = _odd(short * p.min_feature)
+    cores = cv2.morphologyEx(fg, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (k, k)))
+    n, core_labels, stats, _ = cv2.connectedComponentsWithStats(cores, connectivity=8)
     if n <= 1:
         return None, None
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    keep = 1 + np.flatnonzero(areas >= p.component_fraction * areas.max())
-    x0 = int(stats[keep, cv2.CC_STAT_LEFT].min())
-    y0 = int(stats[keep, cv2.CC_STAT_TOP].min())
-    x1 = int((stats[keep, cv2.CC_STAT_LEFT] + stats[keep, cv2.CC_STAT_WIDTH]).max())
-    y1 = int((stats[keep, cv2.CC_STAT_TOP] + stats[keep, cv2.CC_STAT_HEIGHT]).max())
+    areas = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
+    # Graphics are flat (logos, grey-scale bars, filled labels); B-mode content always carries
+    # speckle, a multiplicative noise. Speckle contrast = mean |pixel - its 3x3 median| / mean
+    # level over the component's interior (its rim would count JPEG ringing at graphic edges):
+    # ~0.01 for graphics even after JPEG, >= 0.03 for B-mode, dim or bright.
+    inner_labels = core_labels * cv2.erode(cores, np.ones((5, 5), np.uint8))
+    has_interior = np.bincount(inner_labels.ravel(), minlength=n) > 0
+    region = np.where(has_interior[core_labels], inner_labels, core_labels)  # too thin: use all of it
+    deviation = cv2.absdiff(gray, cv2.medianBlur(gray, 3))
+    dev_sum = np.bincount(region.ravel(), weights=deviation.ravel(), minlength=n)[1:]
+    level_sum = np.bincount(region.ravel(), weights=gray.ravel(), minlength=n)[1:]
+    texture = dev_sum / np.maximum(level_sum, 1.0)
+    candidates = texture >= p.min_texture
+    if not candidates.any():  # nothing textured (e.g. a heavily smoothed export): judge by size only
+        candidates[:] = True
+    largest = areas[candidates].max()
+    keep_cores = 1 + np.flatnonzero(candidates & (areas >= p.component_fraction * largest))
+    # Grow the kept cores back to their full connected extent in `fg` (morphological
+    # reconstruction): thin parts attached to the content (a sector's apex, a needle) return,
+    # detached overlays do not.
+    n_fg, fg_labels = cv2.connectedComponents(fg, connectivity=8)
+    core_kept = np.zeros(n, dtype=bool)
+    core_kept[keep_cores] = True
+    fg_kept = np.bincount(fg_labels[core_kept[core_labels]], minlength=n_fg) > 0
+    fg_kept[0] = False
+    content = fg_kept.astype(np.uint8)[fg_labels]
+    x, y, bw, bh = cv2.boundingRect(content)
     m = p.crop_margin
-    box = (max(0, x0 - m), max(0, y0 - m), min(w, x1 + m), min(h, y1 + m))
+    box = (max(0, x - m), max(0, y - m), min(w, x + bw + m), min(h, y + bh + m))
     if not p.blank_outside:
         return box, None
-    kept = np.isin(labels, keep).astype(np.uint8) if len(keep) > 1 else (labels == keep[0]).astype(np.uint8)
-    # Fill holes (anechoic regions inside the sector are content, not background), then grow back
-    # what the blur/opening ate at the rim, plus the margin.
-    contours, _ = cv2.findContours(kept, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    filled = np.zeros_like(kept)
-    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
-    grow = _odd(k + 2 * m)
-    filled = cv2.dilate(filled, np.ones((grow, grow), np.uint8))
-    return box, filled
+    # Blank outside the convex hull of the content: the fan and whatever lies between its
+    # pieces (dark fluid) stay, glyphs in the box's corners beside a convex sector go.
+    contours, _ = cv2.findContours(content, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull = cv2.convexHull(np.concatenate(contours))
+    mask = np.zeros_like(content)
+    cv2.fillConvexPoly(mask, hull, 1)
+    if m:
+        mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_RECT, (2 * m + 1, 2 * m + 1)))
+    return box, mask
 
 
 def crop_content(gray: np.ndarray, p: FrameParams) -> tuple[np.ndarray, tuple[int, int, int, int]]:

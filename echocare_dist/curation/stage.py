@@ -29,7 +29,7 @@ from .preprocess import FrameParams, Rejected, curate_frame
 STAGE_FORMAT = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileTask:
     file_id: int
     source: str
@@ -99,25 +99,30 @@ def stage_chunk(task: ChunkTask) -> tuple[int, int]:
         for f in task.files:
             entry = {"id": f.file_id, "samples": [], "rejected": []}
             lbl = task.label_bytes[f.labels]
-            frame_index = None
-            try:
-                for frame_index, gray in iter_frames(Path(f.path), f.kind, f.stride):
-                    try:
-                        frame = curate_frame(gray, task.params)
-                    except Rejected as rej:
-                        entry["rejected"].append([rej.reason, frame_index, str(rej)])
-                        continue
-                    prov = _provenance(f, frame_index, frame, gray.shape, task.ontology_hash)
-                    fh.write(frame.jpeg)
-                    fh.write(lbl)
-                    fh.write(prov)
-                    entry["samples"].append([frame.key, f"{frame.phash:016x}", offset,
-                                             len(frame.jpeg), len(lbl), len(prov), frame_index])
-                    offset += len(frame.jpeg) + len(lbl) + len(prov)
-                    n_samples += 1
-            except Exception as exc:  # noqa: BLE001 - any decoder failure is a property of the file
-                where = f" (after frame {frame_index})" if frame_index is not None else ""
-                entry["rejected"].append(["corrupt", None, f"{type(exc).__name__}: {exc}{where}"[:500]])
+            frames, frame_index = iter_frames(Path(f.path), f.kind, f.stride), None
+            while True:
+                # Only decoding and curating are guarded: a failing write (disk full) must stop
+                # the build, not be blamed on the file.
+                try:
+                    frame_index, gray = next(frames)
+                    frame = curate_frame(gray, task.params)
+                except StopIteration:
+                    break
+                except Rejected as rej:
+                    entry["rejected"].append([rej.reason, frame_index, str(rej)])
+                    continue
+                except Exception as exc:  # noqa: BLE001 - any decoder failure is a property of the file
+                    where = f" (after frame {frame_index})" if frame_index is not None else ""
+                    entry["rejected"].append(["corrupt", None, f"{type(exc).__name__}: {exc}{where}"[:500]])
+                    break
+                prov = _provenance(f, frame_index, frame, gray.shape, task.ontology_hash)
+                fh.write(frame.jpeg)
+                fh.write(lbl)
+                fh.write(prov)
+                entry["samples"].append([frame.key, f"{frame.phash:016x}", offset,
+                                         len(frame.jpeg), len(lbl), len(prov), frame_index])
+                offset += len(frame.jpeg) + len(lbl) + len(prov)
+                n_samples += 1
             files_meta.append(entry)
     atomic_write_json(task.meta_path, {"digest": task.digest, "bin_bytes": offset, "files": files_meta},
                       indent=None)
@@ -126,6 +131,9 @@ def stage_chunk(task: ChunkTask) -> tuple[int, int]:
 
 def init_worker() -> None:
     # One decode per process: library thread pools would only fight the other workers.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Corrupt videos are reported in the manifest; FFmpeg's own complaints would only garble
+    # the progress bar.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     import cv2
     cv2.setNumThreads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -50,7 +50,6 @@ def build_pipeline(*, paths, index_paths, shard_id: int, num_shards: int, aug: A
                    num_threads: int, device_id, seed: int, prefetch: int, checkpoint=None):
     """The DALI graph of SPEC 5 (see augment.py for the definition both loaders share)."""
     from nvidia.dali import fn, pipeline_def, types
-    import nvidia.dali.math as dmath
 
     @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
     def graph():
@@ -69,13 +68,12 @@ def build_pipeline(*, paths, index_paths, shard_id: int, num_shards: int, aug: A
             img = fn.resize(img, size=(aug.size, aug.size))
         img = fn.flip(img, horizontal=fn.random.coin_flip(probability=aug.hflip_prob),
                       vertical=fn.random.coin_flip(probability=aug.vflip_prob))
-        x = fn.cast(img, dtype=types.FLOAT) * (1.0 / 255.0)
-        if aug.jitter_prob > 0 and (aug.brightness > 0 or aug.contrast > 0):
-            on = fn.random.coin_flip(probability=aug.jitter_prob)
-            b = 1.0 + on * fn.random.uniform(range=[-aug.brightness, aug.brightness]) if aug.brightness > 0 else 1.0
-            c = 1.0 + on * fn.random.uniform(range=[-aug.contrast, aug.contrast]) if aug.contrast > 0 else 1.0
-            x = dmath.clamp(b * (0.5 + c * (x - 0.5)), 0.0, 1.0)
-        return x, lbl, source
+        # Jitter factors per sample (1, 1 unless the coin says so); applied per batch on the training
+        # device by augment.apply_jitter, like the fallback's.
+        on = fn.random.coin_flip(probability=aug.jitter_prob)
+        b = 1.0 + on * (fn.random.uniform(range=[-aug.brightness, aug.brightness]) if aug.brightness > 0 else 0.0)
+        c = 1.0 + on * (fn.random.uniform(range=[-aug.contrast, aug.contrast]) if aug.contrast > 0 else 0.0)
+        return img, fn.stack(b, c), lbl, source
 
     pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                  prefetch_queue_depth=prefetch, checkpoint=checkpoint)
@@ -107,18 +105,29 @@ class DaliLoader(PretrainLoader):
 
     # ------------------------------------------------------------------ pipeline lifecycle
     def _build(self, checkpoint=None) -> None:
-        plan = self._plan.without(self._extra) if self._extra else self._plan
+        """(Re)build this epoch's pipeline without the shards quarantined so far. A shard whose index
+        and tar disagree fails the build itself: it is quarantined and the build retried."""
         d = self.cfg.data
-        parts = (d.seed, plan.epoch, self.world_size, self.rank, self._generation)
         self._pipe = None  # release the old pipeline (and its memory) before the new one allocates
-        self._pipe = build_pipeline(
-            paths=[str(s.tar) for s in plan.shards], index_paths=[str(s.idx) for s in plan.shards],
-            shard_id=self.rank, num_shards=self.world_size, aug=self.aug, decode_device=self.decode_device,
-            hw_decoder_load=d.hw_decoder_load, shuffle_buffer=d.shuffle_buffer,
-            reader_seed=derive_seed("dali-reader", *parts), use_mmap=d.use_mmap, batch_size=self.micro_batch,
-            num_threads=max(1, d.num_threads), device_id=self._device_id, seed=derive_seed("dali", *parts),
-            prefetch=d.prefetch, checkpoint=checkpoint)
-        self._pipe_plan = plan
+        while True:
+            plan = self._plan.without(self._extra) if self._extra else self._plan
+            parts = (d.seed, plan.epoch, self.world_size, self.rank, self._generation)
+            try:
+                self._pipe = build_pipeline(
+                    paths=[str(s.tar) for s in plan.shards], index_paths=[str(s.idx) for s in plan.shards],
+                    shard_id=self.rank, num_shards=self.world_size, aug=self.aug, decode_device=self.decode_device,
+                    hw_decoder_load=d.hw_decoder_load, shuffle_buffer=d.shuffle_buffer,
+                    reader_seed=derive_seed("dali-reader", *parts), use_mmap=d.use_mmap,
+                    batch_size=self.micro_batch, num_threads=max(1, d.num_threads), device_id=self._device_id,
+                    seed=derive_seed("dali", *parts), prefetch=d.prefetch, checkpoint=checkpoint)
+            except RuntimeError as exc:
+                damage = None if checkpoint is not None else self._damage_from_message(str(exc), plan)
+                if not damage:
+                    raise
+                self._note_damage(damage)
+                continue
+            self._pipe_plan = plan
+            return
 
     def _start_reader(self, resume) -> None:
         self._seen = set()
@@ -151,37 +160,47 @@ class DaliLoader(PretrainLoader):
     def _next_raw(self):
         while True:
             try:
-                x, lbl, source = self._pipe.run()
+                images, jitter, lbl, source = self._pipe.run()
             except RuntimeError as exc:
                 self._recover(str(exc))
                 continue
             sources = [parse_source_info(bytes(np.asarray(source.at(i))).decode()) for i in range(len(source))]
-            wrong = {(path, key): int(np.asarray(lbl.at(i)).size) for i, (path, key) in enumerate(sources)
-                     if np.asarray(lbl.at(i)).size != self.num_classes}
-            if wrong:
-                self._quarantine_damage([(path, key, f"label has {n} bytes, the ontology has {self.num_classes} nodes")
-                                         for (path, key), n in wrong.items()])
+            labels = self._labels(lbl)
+            if isinstance(labels, list):  # some .lbl of the wrong size: that shard is damaged
+                self._quarantine_damage([(sources[i][0], sources[i][1], reason) for i, reason in labels])
                 continue
             keys = [key for _, key in sources]
             self._pipe_steps += 1
             self._seen.update(keys)
-            return self._to_torch(x), np.asarray(lbl.as_array()).view(np.int8).copy(), keys
+            return (self._to_torch(images), torch.from_numpy(np.array(jitter.as_array(), np.float32)), labels, keys)
 
-    def _to_torch(self, x) -> torch.Tensor:
+    def _labels(self, lbl) -> np.ndarray | list[tuple[int, str]]:
+        """int8 (B, C), or [(sample, reason)] for the samples whose label has the wrong length."""
+        if lbl.is_dense_tensor():
+            arr = np.asarray(lbl.as_array())
+            if arr.ndim == 2 and arr.shape[1] == self.num_classes:
+                return arr.view(np.int8).copy()
+        sizes = [int(np.asarray(lbl.at(i)).size) for i in range(len(lbl))]
+        return [(i, f"label has {n} bytes, the ontology has {self.num_classes} nodes")
+                for i, n in enumerate(sizes) if n != self.num_classes]
+
+    def _to_torch(self, images) -> torch.Tensor:
+        """The pipeline's uint8 (B, S, S, 1) batch as a torch (B, 1, S, S) tensor (a copy: DALI reuses
+        its buffers), on the GPU for mixed decoding."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
-        dense = x.as_tensor()
-        shape = tuple(dense.shape())                     # (B, S, S, 1)
+        dense = images.as_tensor()
+        shape = tuple(dense.shape())
         if self.decode_device == "mixed":
-            out = torch.empty(shape, dtype=torch.float32, device=torch.device("cuda", self._device_id))
+            out = torch.empty(shape, dtype=torch.uint8, device=torch.device("cuda", self._device_id))
             feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(out.device))
         else:
-            out = torch.empty(shape, dtype=torch.float32)
+            out = torch.empty(shape, dtype=torch.uint8)
             feed_ndarray(dense, out)
-        return out.permute(0, 3, 1, 2)                   # (B, 1, S, S); C = 1 keeps it contiguous
+        return out.permute(0, 3, 1, 2)                   # C = 1: still contiguous
 
     # ------------------------------------------------------------------ damaged data
     def _recover(self, message: str) -> None:
-        damage = self._damage_from_message(message) or self._scan_in_flight()
+        damage = self._damage_from_message(message, self._pipe_plan) or self._scan_in_flight()
         if not damage:
             raise DataLoaderError(
                 f"rank {self.rank}: the DALI pipeline failed in epoch {self.epoch} at step {self.position} and "
@@ -190,7 +209,13 @@ class DaliLoader(PretrainLoader):
         self._quarantine_damage(damage)
 
     def _quarantine_damage(self, damage: list[tuple[str, str | None, str]]) -> None:
-        """Record (tar path, key, reason) entries, then rebuild this epoch's pipeline without their shards."""
+        self._note_damage(damage)
+        log.warning("rank %d: rebuilding the DALI pipeline without %s for the remaining %d steps of epoch %d",
+                    self.rank, sorted(self._extra), self._plan.steps - self.position, self.epoch)
+        self._build()
+
+    def _note_damage(self, damage: list[tuple[str, str | None, str]]) -> None:
+        """Record (tar path, key, reason) entries and leave their shards out of this epoch's pipeline."""
         found, samples = {}, []
         for path, key, reason in damage:
             shard = self.shard_set.shard_of_path(path)
@@ -199,19 +224,20 @@ class DaliLoader(PretrainLoader):
             found.setdefault(shard.name, {"reason": reason, **({"key": key} if key else {})})
             if key:
                 samples.append((shard.name, key, reason))
+        already = set(self._plan.excluded) | self._extra
+        if not set(found) - already:  # would rebuild the same pipeline forever
+            raise DataLoaderError(f"rank {self.rank}: DALI keeps failing on already quarantined shard(s) "
+                                  f"{sorted(found)}: {damage[0][2]}")
         self._record_samples(samples)
         if not samples:  # a damaged tar/index: no single sample to blame, count the event once per shard
-            self.bad_samples += len(found)
-        self._record_shards(found)
+            self.bad_samples += len(set(found) - already)
+        self._record_shards({k: v for k, v in found.items() if k not in already})
         self._extra |= set(found)
         self._check_quarantine_limit(set(self._plan.excluded) | self._extra)
         self._generation += 1
         self._pipe_steps = 0
-        log.warning("rank %d: rebuilding the DALI pipeline without %s for the remaining %d steps of epoch %d",
-                    self.rank, sorted(found), self._plan.steps - self.position, self.epoch)
-        self._build()
 
-    def _damage_from_message(self, message: str) -> list[tuple[str, str | None, str]]:
+    def _damage_from_message(self, message: str, plan: EpochPlan | None) -> list[tuple[str, str | None, str]]:
         damage = []
         for m in _FAILED_SAMPLE.finditer(message):
             try:
@@ -221,8 +247,8 @@ class DaliLoader(PretrainLoader):
             damage.append((path, key, f"DALI could not decode it: {_summary(message)}"))
         for m in _BAD_INDEX.finditer(message):
             damage.append((m["path"], None, f"tar and index disagree: {_summary(message)}"))
-        if not damage and self._pipe_plan is not None:
-            for s in self._pipe_plan.shards:
+        if not damage and plan is not None:
+            for s in plan.shards:
                 if str(s.tar) in message or str(s.idx) in message:
                     damage.append((str(s.tar), None, _summary(message)))
         return [d for d in damage if self.shard_set.shard_of_path(d[0]) is not None]

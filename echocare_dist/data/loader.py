@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augment import AugmentParams
+from .augment import AugmentParams, apply_jitter
 from .masking import MaskGenerator
 from .shards import DataLoaderError, EpochPlan, Quarantine, ShardSet, make_plan
 
@@ -83,14 +83,15 @@ class PretrainLoader:
             self._stop()
             self.epoch += 1
             self.position = 0
+            self._resume = None  # a saved reader state belongs to the finished epoch
             self._plan = self._new_plan(self.epoch)
         if not self._active:
             self._start_reader(self._resume)
             self._resume = None
             self._active = True
-        target, labels, keys = self._next_raw()
+        images, jitter, labels, keys = self._next_raw()
         self.position += 1
-        return self._finish(target, labels, keys)
+        return self._finish(images, jitter, labels, keys)
 
     def close(self) -> None:
         self._stop()
@@ -106,10 +107,11 @@ class PretrainLoader:
             self._stop_reader()
             self._active = False
 
-    def _finish(self, target: torch.Tensor, labels, keys: list[str]) -> dict:
-        target = target.to(self.device, non_blocking=True)
+    def _finish(self, images: torch.Tensor, jitter: torch.Tensor, labels, keys: list[str]) -> dict:
+        """uint8 (B,1,H,W) images + (B,2) jitter factors from the reader -> the batch, on the device."""
+        target = apply_jitter(images.to(self.device, non_blocking=True), torch.as_tensor(jitter))
         mean, std = self._norm
-        return dict(target=target, input=(target - mean) / std,
+        return dict(target=target, input=torch.add(torch.tensor(-mean / std, device=target.device), target, alpha=1.0 / std),
                     mask=self.masks.token_masks(keys, self.epoch, self.device),
                     labels=torch.as_tensor(labels).to(self.device, non_blocking=True), keys=list(keys))
 
@@ -217,7 +219,8 @@ class PretrainLoader:
     def _stop_reader(self) -> None:
         raise NotImplementedError
 
-    def _next_raw(self) -> tuple[torch.Tensor, np.ndarray | torch.Tensor, list[str]]:
+    def _next_raw(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | torch.Tensor, list[str]]:
+        """uint8 images (B,1,H,W), jitter factors (B,2), int8 labels (B,C), keys of the next batch."""
         raise NotImplementedError
 
     def _reader_state(self):

@@ -75,6 +75,5 @@ class MaskGenerator:
     def token_masks(self, keys: Sequence[str], epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """uint8 (B, H/p, W/p) on `device`: unit masks expanded to tokens there (a small copy)."""
         units = torch.from_numpy(self.unit_masks(keys, epoch)).to(device, non_blocking=True)
-        if self.scale == 1:
-            return units
-        return units.repeat_interleave(self.scale, 1).repeat_interleave(self.scale, 2)
+        n, u, s = units.shape[0], self.units_per_side, self.scale
+        return units[:, :, None, :, None].expand(n, u, s, u, s).reshape(n, u * s, u * s)

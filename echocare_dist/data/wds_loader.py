@@ -75,7 +75,7 @@ class EpochStreams(IterableDataset):
         to_skip = done * B
         reader = TarReader(self.num_classes)
         known_bad = set(self.known_bad)
-        images, labels, keys, bad = [], [], [], []
+        images, jitter, labels, keys, bad = [], [], [], [], []
         good_in_pass, last_pass = 0, 0
         try:
             for pass_no, shard, i in self._positions(stream):
@@ -106,14 +106,17 @@ class EpochStreams(IterableDataset):
                     continue
                 good_in_pass += 1
                 sid = int(sample_stream_ids([key], "augment", self.seed, p.epoch, pass_no)[0])
-                images.append(augment(im, np.random.default_rng(sid), self.aug))
+                image, factors = augment(im, np.random.default_rng(sid), self.aug)
+                images.append(image)
+                jitter.append(factors)
                 labels.append(lbl)
                 keys.append(key)
                 if len(keys) == B:
-                    yield dict(index=batch_ids[done], target=torch.from_numpy(np.stack(images))[:, None],
+                    yield dict(index=batch_ids[done], images=torch.from_numpy(np.stack(images))[:, None],
+                               jitter=torch.tensor(jitter, dtype=torch.float32),
                                labels=torch.from_numpy(np.stack(labels)), keys=keys, bad=bad)
                     done += 1
-                    images, labels, keys, bad = [], [], [], []
+                    images, jitter, labels, keys, bad = [], [], [], [], []
         finally:
             reader.close()
 
@@ -172,4 +175,4 @@ class WdsLoader(PretrainLoader):
                                   f"(DataLoader worker order broken)")
         if batch["bad"]:
             self._record_samples(batch["bad"])
-        return batch["target"], batch["labels"], batch["keys"]
+        return batch["images"], batch["jitter"], batch["labels"], batch["keys"]

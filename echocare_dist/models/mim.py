@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 from timm.layers import trunc_normal_
+from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
 from ..config import ModelConfig
@@ -43,6 +44,11 @@ class EchoCareMIM(nn.Module):
         dims = stage_dims(model_cfg)
 
         self.encoder = create_encoder(model_cfg)
+        for module in self.encoder.modules():
+            if isinstance(module, WindowAttention):
+                # Switches the kernel only (same parameters, same math): SDPA never materialises
+                # the (windows x heads x N x N) attention probabilities that backward would keep.
+                module.fused_attn = model_cfg.fused_attn
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, dims[0]))
         trunc_normal_(self.mask_token, std=0.02)
         self.decoder = build_decoder(model_cfg.decoder, dims, model_cfg.decoder_dim,

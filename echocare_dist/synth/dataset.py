@@ -73,15 +73,18 @@ class SynthResult:
     def select(self, kind: str | None = None, role: str | None = None) -> list[SynthFile]:
         return [f for f in self.files if (kind is None or f.kind == kind) and (role is None or f.role == role)]
 
-    def summary(self) -> str:
+    def counts(self) -> str:
         return (f"{self.images} images ({self.near_empty} near-empty, {self.duplicates} duplicates, "
                 f"{self.near_duplicates} near-duplicates, {self.corrupt} corrupt), {self.videos} videos, "
-                f"{self.dicoms} DICOM, {self.masks} masks in {self.root}; mapping {self.mapping}")
+                f"{self.dicoms} DICOM, {self.masks} masks")
+
+    def summary(self) -> str:
+        return f"{self.counts()} in {self.root}; mapping {self.mapping}"
 
 
 # ----------------------------------------------------------------------------- planning
 def _special_count(fraction: float, n_images: int, n_variants: int) -> int:
-    return 0 if fraction <= 0 else max(n_variants, int(round(fraction * n_images)))
+    return 0 if fraction <= 0 or n_images == 0 else max(n_variants, int(round(fraction * n_images)))
 
 
 def _allocate(total: int, weights: list[float]) -> list[int]:
@@ -120,7 +123,6 @@ def _random_size(rng: np.random.Generator, cfg: SynthConfig, multiple: int = 1) 
 
 class _Plan:
     def __init__(self, cfg: SynthConfig):
-        self.cfg = cfg
         self.files: list[SynthFile] = []
         self.rng = np.random.default_rng([cfg.seed, 1])
         self.counters: dict[tuple[str, str, str], int] = {}
@@ -151,12 +153,12 @@ def plan_dataset(cfg: SynthConfig) -> list[SynthFile]:
     n_corrupt = _special_count(cfg.corrupt_fraction, cfg.num_images, len(catalog.CORRUPT))
     n_regular = cfg.num_images - n_near_empty - n_dup - n_near_dup - n_corrupt
     needs_original = n_dup + n_near_dup
-    if cfg.num_images and (n_regular < 1 or n_regular < needs_original):
+    if cfg.num_images and n_regular < max(1, needs_original):
         raise ConfigError(
-            f"synth.num_images={cfg.num_images} is too small for its special cases ({n_near_empty} near-empty, "
-            f"{n_dup} duplicates, {n_near_dup} near-duplicates, {n_corrupt} corrupt need at least "
-            f"{n_near_empty + n_dup + 2 * n_near_dup + n_corrupt + max(1 - needs_original, 0)} images); raise it "
-            f"or set the synth.*_fraction values to 0")
+            f"synth.num_images={cfg.num_images} is too small: its special cases ({n_near_empty} near-empty, "
+            f"{n_dup} duplicates, {n_near_dup} near-duplicates, {n_corrupt} corrupt) leave {n_regular} regular "
+            f"images, and the (near-)duplicates need {max(1, needs_original)} originals; raise it or set the "
+            f"synth.*_fraction values to 0")
     plan = _Plan(cfg)
     rng = plan.rng
     all_scenes = sorted(SCENES)
@@ -195,10 +197,10 @@ def plan_dataset(cfg: SynthConfig) -> list[SynthFile]:
     originals = [candidates[i] for i in rng.permutation(len(candidates))[:needs_original]]
     for k, orig in enumerate(originals):
         # PNG re-saves, BMP exports and near duplicates start from lossless 8-bit pixels.
-        if k % len(catalog.DUPLICATES) != 0 or k >= n_dup:
-            if orig.format != "png" or orig.mode == "I;16":
-                orig.format, orig.mode = "png", ("L" if orig.mode == "I;16" else orig.mode)
-                orig.path = str(PurePosixPath(orig.path).with_suffix(".png"))
+        lossless = k >= n_dup or catalog.DUPLICATES[k % len(catalog.DUPLICATES)] != "byte_copy"
+        if lossless and (orig.format != "png" or orig.mode == "I;16"):
+            orig.format, orig.mode = "png", ("L" if orig.mode == "I;16" else orig.mode)
+            orig.path = str(PurePosixPath(orig.path).with_suffix(".png"))
     for k in range(n_dup):
         variant = catalog.DUPLICATES[k % len(catalog.DUPLICATES)]
         orig = originals[k]
@@ -488,6 +490,6 @@ def generate_dataset(out_dir: Path, cfg: SynthConfig, ontology: Ontology) -> Syn
         "counts": counts,
         "files": [{k: v for k, v in dataclasses.asdict(f).items() if k != "index" and v not in ("", None)}
                   for f in files]})
-    atomic_write_text(out_dir / README_NAME, _README.format(seed=cfg.seed, summary=result.summary(),
+    atomic_write_text(out_dir / README_NAME, _README.format(seed=cfg.seed, summary=result.counts(),
                                                             mapping=MAPPING_NAME, manifest=MANIFEST_NAME))
     return result

@@ -52,14 +52,11 @@ def _color(rgb: bool, rng: np.random.Generator, gray: int):
     return palette[int(rng.integers(len(palette)))]
 
 
-def _fit_text(text: str, max_w: int, max_h: int) -> tuple[float, int]:
-    (w, h), _ = cv2.getTextSize(text, _FONT, 1.0, 1)
-    return max(min(max_w / max(w, 1), max_h / max(h, 1), 0.9), 0.2), 1
-
-
 def _put(canvas: np.ndarray, text: str, org: tuple[int, int], max_w: int, max_h: int, color) -> None:
-    scale, thick = _fit_text(text, max_w, max_h)
-    cv2.putText(canvas, text, org, _FONT, scale, color, thick, cv2.LINE_AA)
+    """Text scaled to fit max_w x max_h (small screens get small print, as on scanners)."""
+    (w, h), _ = cv2.getTextSize(text, _FONT, 1.0, 1)
+    scale = max(min(max_w / max(w, 1), max_h / max(h, 1), 0.9), 0.2)
+    cv2.putText(canvas, text, org, _FONT, scale, color, 1, cv2.LINE_AA)
 
 
 def acquisition_text(rng: np.random.Generator, probe_kind: str, depth_cm: float, gain_db: float) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from .bmode import Acquisition, Speckle, lesion_mask, render_lines
@@ -73,8 +74,10 @@ class Shot:
         roi = np.zeros(lumen.shape, bool)
         roi[ry0:ry1, rx0:rx1] = True
         flow = (lumen > 0) & roi
-        t = 0.6 + 0.4 * np.sin(2 * np.pi * phase)
-        canvas[flow] = (np.array([220, 40, 30]) * t).astype(np.uint8) if rng.random() < 0.6 else \
-            (np.array([30, 60, 220]) * t).astype(np.uint8)
+        hue = np.array([220, 40, 30] if rng.random() < 0.6 else [30, 60, 220], np.float32)
+        # velocity varies along the vessel and over the cardiac cycle; mottled like real flow maps
+        texture = 0.55 + 0.45 * cv2.GaussianBlur(rng.random(lumen.shape, dtype=np.float32), (0, 0), 2.0)[flow] \
+            * (0.7 + 0.3 * np.sin(2 * np.pi * phase))
+        canvas[flow] = np.clip(texture[:, None] * hue * 1.3, 0, 255).astype(np.uint8)
         canvas[ry0, rx0:rx1] = canvas[ry1 - 1, rx0:rx1] = 160
         canvas[ry0:ry1, rx0] = canvas[ry0:ry1, rx1 - 1] = 160

@@ -26,6 +26,7 @@ def _body_wall(rng, maps: TissueMaps, bottom: float, muscle: float = 0.35) -> No
     """Skin (bright), subcutaneous fat (dark), muscle with fascia lines, down to depth `bottom`."""
     skin = rng.uniform(0.018, 0.03)
     fat = skin + rng.uniform(0.03, 0.08)
+    bottom = max(bottom, fat + 0.02)
     maps.depth_band(0.0, skin, rng.uniform(1.3, 1.9))
     maps.depth_band(skin, fat, rng.uniform(0.18, 0.3), texture=_texture(rng, maps, (6, 14), 0.35))
     maps.depth_band(fat, bottom, muscle, texture=_texture(rng, maps, (18, 6), 0.3))

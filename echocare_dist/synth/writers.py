@@ -21,7 +21,7 @@ from ..atomic import atomic_write_bytes
 VIDEO_CODECS = {"mp4": "mp4v", "avi": "MJPG"}
 
 
-def encode_image(pixels: np.ndarray, fmt: str, jpeg_quality: int, png_level: int = 6) -> bytes:
+def encode_image(pixels: np.ndarray, fmt: str, jpeg_quality: int, png_level: int = 1) -> bytes:
     """pixels: (H, W) uint8, (H, W, 3) uint8 RGB or (H, W) uint16 (16-bit PNG only)."""
     if pixels.dtype == np.uint16 and fmt != "png":
         raise ValueError(f"16-bit pixels can only be written as PNG, not {fmt!r}")
@@ -38,7 +38,7 @@ def encode_image(pixels: np.ndarray, fmt: str, jpeg_quality: int, png_level: int
     return buf.getvalue()
 
 
-def write_image(path: Path, pixels: np.ndarray, fmt: str, jpeg_quality: int, png_level: int = 6) -> bytes:
+def write_image(path: Path, pixels: np.ndarray, fmt: str, jpeg_quality: int, png_level: int = 1) -> bytes:
     data = encode_image(pixels, fmt, jpeg_quality, png_level)
     atomic_write_bytes(path, data)
     return data

@@ -190,6 +190,9 @@ class CheckpointManager:
                                   num_merge_workers=self.universal_workers,
                                   keep_temp_folder=False, strict=True, inject_missing_state=False)
         ds_to_universal.main(args)
+        # The converter also drops a `latest_universal` pointer (naming the temp dir) next to its
+        # output; we load by explicit tag, so remove it rather than leave a misleading file.
+        (target.parent / "latest_universal").unlink(missing_ok=True)
         atomic_write_json(tmp / META, dict(meta, universal_of=source.name))
         _fsync_tree(tmp)
         os.replace(tmp, target)

@@ -56,6 +56,11 @@ class WarmupCosine(LRScheduler):
         # extending train.steps or changing the world size on resume reshapes the schedule.
         self.last_epoch = int(state_dict["last_epoch"])
         self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+        self.apply()
+
+    def apply(self) -> None:
+        """Write the LR of the current step into the optimizer (a restored optimizer state carries
+        the LR of the run that saved it, e.g. at another world size)."""
         lrs = self.get_lr()
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr

@@ -133,6 +133,7 @@ class Pretrainer:
 
     def _restore(self, plan: ResumePlan) -> None:
         client = self.ckpts.load(self.engine, plan)
+        self.scheduler.apply()  # DeepSpeed restores the optimizer after the scheduler
         self.step = self.last_saved_step = int(client["step"])
         same_world = int(client["world_size"]) == self.env.world_size
         loader_states = client["loader"]
@@ -148,23 +149,12 @@ class Pretrainer:
                  client["world_size"], ", universal checkpoint" if plan.universal else "")
 
     # ------------------------------------------------------------------ loop
-    def _batches(self):
-        while True:
-            produced = False
-            for batch in self.loader:
-                produced = True
-                yield batch
-            if not produced:
-                raise RuntimeError(f"the data loader produced no batch for rank {self.env.rank} "
-                                   f"(data.shards={self.cfg.data.shards!r})")
-
     def train(self, preempt: PreemptionHandler) -> int:
         t = self.cfg.train
         window = Window()
-        batches = self._batches()
         stopped_by = None
         while self.step < t.steps:
-            last_batch, last_out, lr = self._train_step(batches, window)
+            last_batch, last_out, lr = self._train_step(window)
             self.step += 1
             if self.step % t.log_every == 0 or self.step == t.steps:
                 self._log(window, lr)
@@ -188,14 +178,14 @@ class Pretrainer:
         self.tracker.finish("FINISHED")
         return 0
 
-    def _train_step(self, batches, window: Window):
+    def _train_step(self, window: Window):
         engine, accum = self.engine, self.cfg.train.grad_accum
         total = mim_sum = hie_sum = None
         data_wait = 0.0
         lr = self.optimizer.param_groups[0]["lr"]  # the LR this step's update uses
         for _ in range(accum):
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = next(self.loader)  # an infinite iterator (echocare_dist.data contract)
             data_wait += time.perf_counter() - t0
             out = engine(batch["input"], batch["mask"])
             loss, mim, hie = self.loss_fn(out, batch)
@@ -252,6 +242,11 @@ class Pretrainer:
         atomic_write_bytes(path, png)
         self.tracker.log_artifact(path, "reconstructions")
 
+    def close(self) -> None:
+        close = getattr(self.loader, "close", None)
+        if close is not None:
+            close()
+
     # ------------------------------------------------------------------ checkpoint
     def save(self) -> None:
         env, cfg = self.env, self.cfg
@@ -288,6 +283,10 @@ def pretrain(cfg: Config) -> int:
             if tracker is not None:
                 tracker.finish("FAILED")
             raise
+        trainer.close()
+        # Launchers tear the group down as soon as one rank exits non-zero (a preemption's 124):
+        # leave together, after rank 0 has updated the pointer and MLflow.
+        distributed.barrier()
         distributed.shutdown()
         return code
     finally:

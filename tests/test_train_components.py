@@ -1,0 +1,322 @@
+"""Pretraining engine components in one process: launcher env, DeepSpeed config, LR schedule,
+checkpoint pointer / pruning / crash safety / compatibility, preemption flag, MLflow, image grid."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from echocare_dist.config import ConfigError, load_config
+from echocare_dist.train import checkpoint as ckpt
+from echocare_dist.train import distributed
+from echocare_dist.train.optim import WarmupCosine, deepspeed_config, scaled_lr
+
+
+# ------------------------------------------------------------------ launcher environment
+def test_env_from_torchrun_and_deepspeed_variables():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"}
+    got = distributed.detect_env(env)
+    assert (got["rank"], got["world_size"], got["local_rank"], got["master_addr"]) == (3, 8, 1, "n1")
+
+
+def test_env_from_srun_translates_slurm_variables():
+    env = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "1",
+           "SLURM_STEP_NODELIST": "gpu[07-08,11]", "SLURM_JOB_ID": "4321", "SLURM_NTASKS": "16"}
+    got = distributed.detect_env(env)
+    assert (got["rank"], got["world_size"], got["local_rank"], got["launcher"]) == (5, 16, 1, "slurm")
+    assert got["master_addr"] == "gpu07"
+    assert got["master_port"] == str(20000 + 4321 % 20000)
+
+
+def test_env_in_a_batch_script_without_srun_is_single_process():
+    # sbatch exports SLURM_PROCID/SLURM_NTASKS to the one batch process; only srun sets STEP_NUM_TASKS.
+    got = distributed.detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"})
+    assert (got["rank"], got["world_size"], got["launcher"]) == (0, 1, "single")
+
+
+def test_env_rejects_rank_outside_world():
+    with pytest.raises(RuntimeError, match="rank 4 of world size 4"):
+        distributed.detect_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+@pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("a[3-5]", "a3"), ("gpu[10,2-3],cpu1", "gpu10")])
+def test_first_host_of_nodelist(nodelist, first):
+    assert distributed.first_host(nodelist) == first
+
+
+# ------------------------------------------------------------------ DeepSpeed config and schedule
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_config_follows_our_config(stage):
+    cfg = load_config("tiny_cpu", [f"train.zero_stage={stage}", "train.grad_accum=3", "optim.grad_clip=2.5",
+                                   "train.precision=bf16"])
+    ds = deepspeed_config(cfg, world_size=4, device=torch.device("cpu"))
+    assert ds["train_batch_size"] == cfg.train.micro_batch * 3 * 4
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 2.5
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["steps_per_print"] == cfg.train.log_every
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "fp16" not in ds and "bf16" not in ds
+    assert ds["zero_force_ds_cpu_optimizer"] is False
+    json.dumps(ds)  # written to the run dir as JSON
+
+
+def test_deepspeed_config_fp32_offload_and_universal():
+    cfg = load_config("tiny_cpu", ["train.zero_stage=2", "train.offload_optimizer=true", "train.precision=fp32"])
+    ds = deepspeed_config(cfg, world_size=2, device=torch.device("cpu"), load_universal=True)
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "torch_autocast" not in ds and "fp16" not in ds
+    assert ds["checkpoint"]["load_universal"] is True
+    assert ds["zero_optimization"]["overlap_comm"] is False  # no CUDA streams on the CPU
+
+
+def test_config_validation_of_engine_fields():
+    with pytest.raises(ConfigError, match="offload_optimizer"):
+        load_config("tiny_cpu", ["train.offload_optimizer=true", "train.zero_stage=0"])
+    with pytest.raises(ConfigError, match="SIGFOO"):
+        load_config("tiny_cpu", ["train.preempt_signals=[SIGTERM, SIGFOO]"])
+    with pytest.raises(ConfigError, match="requeue_exit_code"):
+        load_config("tiny_cpu", ["train.requeue_exit_code=0"])
+
+
+def test_lr_scales_with_global_batch():
+    cfg = load_config("tiny_cpu", ["optim.lr=1e-3", "optim.lr_batch_ref=16", "optim.min_lr=1e-5",
+                                   "train.micro_batch=8", "train.grad_accum=2"])
+    peak, floor = scaled_lr(cfg, world_size=4)  # global batch 64 = 4 x reference
+    assert peak == pytest.approx(4e-3) and floor == pytest.approx(4e-5)
+
+
+def _schedule(total=100, warmup=10, kind="cosine"):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    return WarmupCosine(opt, peak_lr=1.0, min_lr=0.01, warmup_steps=warmup, total_steps=total, schedule=kind)
+
+
+def test_warmup_then_cosine_shape():
+    s = _schedule()
+    lrs = [s.lr_at(i) for i in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))            # linear warmup rises
+    assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101]))     # cosine falls
+    assert lrs[55] == pytest.approx(0.01 + 0.99 * 0.5)               # half way
+    assert lrs[100] == pytest.approx(0.01)
+    assert _schedule(kind="constant").lr_at(80) == 1.0
+
+
+def test_schedule_resume_keeps_position_but_takes_new_length():
+    s = _schedule(total=100)
+    for _ in range(30):
+        s.optimizer.step()
+        s.step()
+    state = s.state_dict()
+    longer = _schedule(total=1000)
+    longer.load_state_dict(state)
+    assert longer.last_epoch == 30
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(longer.lr_at(30))
+    assert longer.lr_at(30) > s.lr_at(30)  # the extended run decays more slowly
+
+
+# ------------------------------------------------------------------ checkpoints
+class FakeEngine:
+    """Writes a DeepSpeed-like tag directory; `crash_after_files` simulates a death mid-save."""
+
+    def __init__(self, crash_after_files: int | None = None):
+        self.crash_after_files = crash_after_files
+        self.loaded = None
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert save_latest is False  # DeepSpeed's own `latest` would race with ours
+        d = os.path.join(save_dir, tag)
+        os.makedirs(d, exist_ok=True)
+        for i in range(2):
+            if self.crash_after_files is not None and i >= self.crash_after_files:
+                raise KeyboardInterrupt("killed mid-save")
+            torch.save(dict(client_state, shard=i), os.path.join(d, f"shard_{i}.pt"))
+
+    def load_checkpoint(self, load_dir, tag, **kw):
+        path = os.path.join(load_dir, tag)
+        self.loaded = path
+        return path, torch.load(os.path.join(path, "shard_0.pt"), weights_only=False)
+
+
+SINGLE = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), launcher="single")
+
+
+def _meta(cfg, onto_hash="h0", world_size=1, zero_stage=2):
+    return dict(world_size=world_size, zero_stage=zero_stage, ontology_hash=onto_hash,
+                model=ckpt.model_fingerprint(cfg.model))
+
+
+def test_save_writes_meta_then_pointer_and_prunes(tmp_path, tiny_config):
+    mgr = ckpt.CheckpointManager(tmp_path, SINGLE, keep_last=2)
+    for step in (10, 20, 30):
+        mgr.save(FakeEngine(), step, {"step": step}, _meta(tiny_config))
+    assert (tmp_path / "latest").read_text().strip() == "step_00000030"
+    assert mgr.complete_tags() == ["step_00000020", "step_00000030"]
+    assert not (tmp_path / "step_00000010").exists()
+    meta = json.loads((tmp_path / "step_00000030" / "meta.json").read_text())
+    assert meta["step"] == 30 and meta["tag"] == "step_00000030"
+
+
+def test_crash_mid_save_leaves_latest_on_previous_checkpoint(tmp_path, tiny_config):
+    mgr = ckpt.CheckpointManager(tmp_path, SINGLE, keep_last=3)
+    mgr.save(FakeEngine(), 10, {"step": 10}, _meta(tiny_config))
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(FakeEngine(crash_after_files=1), 20, {"step": 20}, _meta(tiny_config))
+    assert (tmp_path / "step_00000020" / "shard_0.pt").exists()       # the partial directory is there...
+    assert not (tmp_path / "step_00000020" / "meta.json").exists()
+    assert (tmp_path / "latest").read_text().strip() == "step_00000010"  # ...but nothing points at it
+    plan = mgr.plan_resume("auto", tiny_config, "h0")
+    assert plan.tag == "step_00000010" and not plan.universal
+    engine = FakeEngine()
+    assert mgr.load(engine, plan)["step"] == 10
+    # Saving step 20 again replaces the partial directory instead of mixing files into it.
+    (tmp_path / "step_00000020" / "stray_from_other_world_size.pt").write_bytes(b"x")
+    mgr.save(FakeEngine(), 20, {"step": 20}, _meta(tiny_config))
+    assert not (tmp_path / "step_00000020" / "stray_from_other_world_size.pt").exists()
+    assert mgr.plan_resume("auto", tiny_config, "h0").tag == "step_00000020"
+
+
+def test_pointer_to_incomplete_dir_falls_back_to_newest_complete(tmp_path, tiny_config):
+    mgr = ckpt.CheckpointManager(tmp_path, SINGLE, keep_last=3)
+    mgr.save(FakeEngine(), 10, {"step": 10}, _meta(tiny_config))
+    (tmp_path / "step_00000020").mkdir()
+    (tmp_path / "latest").write_text("step_00000020\n")  # e.g. a pointer copied by hand
+    assert mgr.find_auto().name == "step_00000010"
+
+
+def test_no_checkpoint_and_resume_none(tmp_path, tiny_config):
+    mgr = ckpt.CheckpointManager(tmp_path, SINGLE, keep_last=3)
+    assert mgr.plan_resume("auto", tiny_config, "h0") is None
+    mgr.save(FakeEngine(), 10, {"step": 10}, _meta(tiny_config))
+    assert mgr.plan_resume("none", tiny_config, "h0") is None
+    with pytest.raises(ckpt.ResumeError, match="not a complete checkpoint"):
+        mgr.plan_resume(str(tmp_path / "step_00000099"), tiny_config, "h0")
+    assert mgr.plan_resume(str(tmp_path / "step_00000010"), tiny_config, "h0").tag == "step_00000010"
+
+
+def test_resume_refuses_other_ontology_or_architecture(tmp_path, tiny_config):
+    mgr = ckpt.CheckpointManager(tmp_path, SINGLE, keep_last=3)
+    mgr.save(FakeEngine(), 10, {"step": 10}, _meta(tiny_config, onto_hash="aaaa"))
+    with pytest.raises(ckpt.ResumeError, match="ontology hash 'aaaa'.*'bbbb'"):
+        mgr.plan_resume("auto", tiny_config, "bbbb")
+    other = load_config("tiny_cpu", ["model.decoder_dim=48"])
+    with pytest.raises(ckpt.ResumeError, match="model.decoder_dim: checkpoint 32 vs config 48"):
+        mgr.plan_resume("auto", other, "aaaa")
+    # Training-only knobs may change between restarts.
+    fine = load_config("tiny_cpu", ["model.drop_path_rate=0.0", "model.grad_checkpointing=true"])
+    assert mgr.plan_resume("auto", fine, "aaaa") is not None
+
+
+def test_world_size_change_plans_a_universal_load(tmp_path, tiny_config, monkeypatch):
+    mgr = ckpt.CheckpointManager(tmp_path, SINGLE, keep_last=3)
+    mgr.save(FakeEngine(), 10, {"step": 10}, _meta(tiny_config, world_size=2, zero_stage=2))
+    converted = []
+
+    def fake_convert(source, target, meta):
+        converted.append((source.name, target.name))
+        target.mkdir()
+        (target / "meta.json").write_text(json.dumps(meta))
+
+    monkeypatch.setattr(mgr, "_convert_to_universal", fake_convert)
+    plan = mgr.plan_resume("auto", tiny_config, "h0")
+    assert plan.universal and plan.tag == "step_00000010_universal" and plan.load_dir == tmp_path
+    assert converted == [("step_00000010", "step_00000010_universal")]
+    mgr.plan_resume("auto", tiny_config, "h0")
+    assert len(converted) == 1  # a finished conversion is reused
+    # ZeRO-0 checkpoints hold whole optimizer states: any world size loads them directly.
+    mgr.save(FakeEngine(), 20, {"step": 20}, _meta(tiny_config, world_size=2, zero_stage=0))
+    assert not mgr.plan_resume("auto", tiny_config, "h0").universal
+
+
+# ------------------------------------------------------------------ preemption
+def test_signal_sets_flag_and_handlers_are_restored():
+    from echocare_dist.train.preemption import PreemptionHandler
+    before = signal.getsignal(signal.SIGUSR1)
+    handler = PreemptionHandler(["SIGUSR1"])
+    try:
+        assert not handler.should_stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler.should_stop() and handler.requested_by == "SIGUSR1"
+    finally:
+        handler.restore()
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+# ------------------------------------------------------------------ tracking and images
+def test_flatten_and_tracking_uri(tmp_path, monkeypatch):
+    from echocare_dist.train.tracking import flatten, resolve_tracking_uri
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": "1", "a.c": "[1, 2]", "d": "x"}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri, artifacts = resolve_tracking_uri("", tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db" and artifacts.startswith("file://")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert resolve_tracking_uri("", tmp_path) == ("http://127.0.0.1:1", None)
+    assert resolve_tracking_uri("http://other:5000", tmp_path)[0] == "http://other:5000"
+
+
+def test_embedded_mlflow_run_is_reopened_on_resume(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from echocare_dist.train.tracking import Tracker
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    t = Tracker(True, "", "exp", "r", tmp_path)
+    run_id = t.start()
+    t.log_params({"train.steps": "10", "model.arch": "x"})
+    t.log_metrics({"loss": 1.5}, step=3)
+    png = tmp_path / "grid.png"
+    png.write_bytes(b"\x89PNG fake")
+    t.log_artifact(png, "reconstructions")
+    t.finish("SCHEDULED")
+
+    again = Tracker(True, "", "exp", "r", tmp_path)
+    assert again.start(resume_run_id=run_id) == run_id
+    again.log_params({"train.steps": "20", "model.arch": "x", "new.key": "1"})
+    again.log_metrics({"loss": 1.0}, step=4)
+    again.finish("FINISHED")
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "10" and run.data.params["new.key"] == "1"
+    assert run.data.tags["changed_on_resume.train.steps"] == "20"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [3, 4]
+    assert [a.path for a in client.list_artifacts(run_id, "reconstructions")] == ["reconstructions/grid.png"]
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+
+
+def test_unreachable_tracking_server_fails_at_start(tmp_path):
+    from echocare_dist.train.tracking import Tracker, TrackingError
+    t = Tracker(True, "http://127.0.0.1:9", "exp", "", tmp_path)
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        with pytest.raises(TrackingError, match="127.0.0.1:9"):
+            t.start()
+    finally:
+        del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+
+
+def test_reconstruction_grid_layout():
+    from PIL import Image
+
+    from echocare_dist.train.images import reconstruction_grid
+    B, H, p = 3, 16, 4
+    target = torch.rand(B, 1, H, H)
+    mask = torch.zeros(B, H // p, H // p, dtype=torch.uint8)
+    mask[:, 0, 0] = 1
+    recon = torch.full_like(target, 0.25)
+    png = reconstruction_grid((target - 0.5) / 0.5, mask, recon, target, 0.5, 0.5, rows=2)
+    img = np.asarray(Image.open(io.BytesIO(png)))
+    assert img.shape == (2 * H + 2, 4 * H + 3 * 2)
+    col = lambda c: img[:H, c * (H + 2):c * (H + 2) + H]  # noqa: E731
+    expected_target = (target[0, 0] * 255).round().numpy()
+    assert np.abs(col(0).astype(float) - expected_target).max() <= 1       # input, de-normalized
+    assert (col(1)[:p, :p] == 128).all()                                    # masked token drawn gray
+    assert np.abs(col(1)[p:, p:].astype(float) - expected_target[p:, p:]).max() <= 1
+    assert (col(2) == 64).all()                                             # reconstruction
+    assert np.abs(col(3).astype(float) - expected_target).max() <= 1       # target
