@@ -65,6 +65,7 @@ def main() -> None:
             print(f"synthetic set: {synth.counts()} ({time.perf_counter() - t:.1f} s to generate)")
             mappings = [synth.mapping]
         rows = []
+        load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
         for workers in args.workers:
             best = None
             for r in range(args.repeat):
@@ -78,7 +79,8 @@ def main() -> None:
             frames = m["staged_samples"] + m["rejected"]["too_few_pixels"]["count"]
             rows.append((workers, m["files"], frames, m["num_samples"], best, frames / best, m["num_samples"] / best))
         print(f"\nshard build, config {args.config}, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-        print(f"hardware: {hardware()}")
+        print(f"hardware: {hardware()}; load average before/after: {load_before} / "
+              f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (other jobs share these cores)")
         head = f"{'workers':>7} {'files':>6} {'frames':>7} {'samples':>8} {'seconds':>8} {'frames/s':>9} {'samples/s':>10} {'speed-up':>8}"
         print(head)
         print("-" * len(head))

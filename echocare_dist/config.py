@@ -104,8 +104,8 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     shards: str = ""                   # directory holding shard-*.tar (+ .idx, manifest.json)
-    loader: Literal["auto", "dali", "wds"] = "auto"
-    device: Literal["auto", "gpu", "cpu"] = "auto"
+    loader: Literal["auto", "dali", "wds"] = "auto"   # auto: DALI when decoding on a GPU, else the PIL fallback
+    device: Literal["auto", "gpu", "cpu"] = "auto"    # where DALI decodes; auto: gpu if training on CUDA
     num_threads: int = 2               # DALI CPU threads / DataLoader workers
     hw_decoder_load: float = 0.65      # share of JPEG decoding done by the hardware decoder (A100/H100)
     prefetch: int = 2
@@ -190,23 +190,38 @@ class TrackingConfig:
 
 @dataclass
 class FinetuneConfig:
+    """Downstream fine-tuning of an exported encoder (SPEC 7; docs in echocare_dist/finetune)."""
     task: Literal["classification", "segmentation", "regression"] = "classification"
-    data: str = ""
-    csv: str = ""
-    split_file: str = ""
-    val_fraction: float = 0.2
-    checkpoint: str = ""               # exported encoder (.safetensors)
+    data: str = ""                     # folder: class sub-folders | images/ + masks/; base of CSV paths
+    csv: str = ""                      # CSV with a header: path,label | path,mask | path,value
+    split_file: str = ""               # CSV path,split (train/val; other values ignored); "" = seeded split
+    val_fraction: float = 0.2          # seeded split (stratified per class for classification)
+    checkpoint: str = ""               # exported encoder (.safetensors, or the export directory)
     run_dir: str = "runs/finetune"
     mode: Literal["full", "linear_probe"] = "full"
     epochs: int = 10
     batch_size: int = 16
-    lr: float = 1e-4
-    layer_decay: float = 0.75
+    lr: float = 1e-4                   # peak LR of the head; encoder layers get lr * layer_decay^depth
+    min_lr: float = 1e-6               # end of the cosine schedule
+    warmup_epochs: float = 1.0         # linear warmup, in epochs (fractions allowed)
+    layer_decay: float = 0.75          # per Swin block, from the last block (1.0 = off)
     weight_decay: float = 0.05
-    img_size: int = 256
+    drop_path_rate: float = 0.1        # stochastic depth of the encoder during full fine-tuning
+    grad_clip: float = 5.0             # max global grad norm; 0 = off
+    img_size: int = 256                # images (and masks for training) are resized to this square
+    hflip_prob: float = 0.5            # training augmentation (images and masks together)
+    num_classes: int = 0               # 0 = inferred from the data
+    monitor: str = "auto"              # metric that picks the best epoch; auto = macro_f1 / dice / mae
+    mask_mode: Literal["auto", "binary", "ids"] = "auto"  # see echocare_dist/finetune/data.py
+    mask_suffix: str = "_mask"         # masks/<stem><suffix>.<any ext> also matches images/<stem>.<ext>
+    seg_decoder_dim: int = 64          # width of the segmentation decoder
+    dice_loss_weight: float = 1.0      # segmentation loss = CE + w * soft Dice
+    nsd_tolerance: float = 2.0         # NSD tolerance in pixels of the original mask
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     num_workers: int = 0
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    experiment: str = "echocare-finetune"  # MLflow experiment (tracking.uri / tracking.enabled apply)
 
 
 @dataclass
@@ -535,6 +550,7 @@ def validate(cfg: Config) -> Config:
     _require(c.max_side >= 0, f"curation.max_side must be >= 0 (0 = never downscale), got {c.max_side}")
     _require(c.min_nonzero >= 0, f"curation.min_nonzero must be >= 0, got {c.min_nonzero}")
     _require(cfg.loss.hie_weight >= 0, f"loss.hie_weight must be >= 0, got {cfg.loss.hie_weight}")
+    _validate_finetune(cfg.finetune)
     sy = cfg.synth
     _require(96 <= sy.min_size <= sy.max_size <= 8192,
              f"synth.min_size/max_size must satisfy 96 <= min_size <= max_size <= 8192, got {sy.min_size}/{sy.max_size}")
@@ -547,6 +563,27 @@ def validate(cfg: Config) -> Config:
     for k in ("near_empty_fraction", "duplicate_fraction", "near_duplicate_fraction", "corrupt_fraction"):
         _require(0.0 <= getattr(sy, k) <= 0.5, f"synth.{k} must be in [0, 0.5], got {getattr(sy, k)}")
     return cfg
+
+
+def _validate_finetune(f: FinetuneConfig) -> None:
+    _require(0.0 < f.val_fraction < 1.0, f"finetune.val_fraction must be in (0, 1), got {f.val_fraction}")
+    for k in ("epochs", "batch_size", "img_size"):
+        _require(getattr(f, k) > 0, f"finetune.{k} must be positive, got {getattr(f, k)}")
+    _require(f.lr > 0 and 0 <= f.min_lr <= f.lr, f"finetune.lr must be > 0 and 0 <= min_lr <= lr, got {f.lr}/{f.min_lr}")
+    _require(f.warmup_epochs >= 0, f"finetune.warmup_epochs must be >= 0, got {f.warmup_epochs}")
+    _require(0.0 < f.layer_decay <= 1.0, f"finetune.layer_decay must be in (0, 1], got {f.layer_decay}")
+    _require(f.weight_decay >= 0, f"finetune.weight_decay must be >= 0, got {f.weight_decay}")
+    _require(0.0 <= f.drop_path_rate < 1.0, f"finetune.drop_path_rate must be in [0, 1), got {f.drop_path_rate}")
+    _require(f.grad_clip >= 0, f"finetune.grad_clip must be >= 0, got {f.grad_clip}")
+    _require(0.0 <= f.hflip_prob <= 1.0, f"finetune.hflip_prob must be in [0, 1], got {f.hflip_prob}")
+    _require(f.num_classes >= 0 and f.num_classes != 1,
+             f"finetune.num_classes must be 0 (infer) or >= 2, got {f.num_classes}")
+    _require(f.seg_decoder_dim > 0, f"finetune.seg_decoder_dim must be positive, got {f.seg_decoder_dim}")
+    _require(f.dice_loss_weight >= 0, f"finetune.dice_loss_weight must be >= 0, got {f.dice_loss_weight}")
+    _require(f.nsd_tolerance >= 0, f"finetune.nsd_tolerance must be >= 0, got {f.nsd_tolerance}")
+    _require(f.num_workers >= 0, f"finetune.num_workers must be >= 0, got {f.num_workers}")
+    _require(f.device == "auto" or f.device == "cpu" or f.device.startswith("cuda"),
+             f"finetune.device must be auto, cpu, cuda or cuda:N, got {f.device!r}")
 
 
 def save_resolved(cfg: Config, directory: str | os.PathLike, name: str = "config.resolved.yaml") -> Path:

@@ -144,3 +144,18 @@ def test_sample_with_bad_label(tmp_path, ontology, kind, damage):
     assert bad_key not in keys and loader.bad_samples == 1
     assert loader.quarantined == (["shard-000002.tar"] if kind == "dali" else [])
     loader.close()
+
+
+def test_dali_finds_the_bad_sample_when_the_error_does_not_name_it(damaged, ontology, tmp_path):
+    """Fallback of the DALI recovery: CPU-decode the samples in flight (here: the whole range)."""
+    root, _, bad_key = damaged
+    loader = _loader(root, "dali", ontology, tmp_path / "run", 0, 1, "data.shuffle_buffer=64")
+    loader._start_reader(None)
+    loader._active = True
+    loader._recover("Critical error in pipeline: something opaque happened")
+    assert loader.quarantined == [f"shard-{BAD_SHARD:06d}.tar"] and loader.bad_samples == 1
+    assert loader._bad_keys == {f"shard-{BAD_SHARD:06d}.tar/{bad_key}"}
+    assert len(take(loader, 3)) == 3
+    with pytest.raises(DataLoaderError, match="no damaged shard could be identified"):
+        loader._recover("Critical error in pipeline: something else")
+    loader.close()

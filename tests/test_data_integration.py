@@ -43,21 +43,24 @@ def test_builder_shards_two_ranks(tiny_shards, ontology, kind):
     assert not keys_per_rank[0] & keys_per_rank[1]
 
 
-@pytest.mark.parametrize("kind", LOADERS)
-def test_batches_feed_a_training_step(tiny_shards, ontology, kind):
-    """One optimizer step per simulated rank: finite losses, gradients reach the mask token."""
+def test_batches_feed_a_training_step(tiny_shards, ontology):
+    """Both loaders, 2 simulated ranks: a forward/backward on each batch; finite losses, gradients
+    reach the mask token (so the masks reached the model)."""
     models = pytest.importorskip("echocare_dist.models")
     loss_mod = pytest.importorskip("echocare_dist.train.loss")
-    cfg = loader_config(tiny_shards, kind, micro_batch=4)
     torch.manual_seed(0)
-    model = models.build_model(cfg.model, len(ontology))
-    criterion = loss_mod.PretrainLoss(cfg, ontology)
-    for rank in range(2):
-        loader = build_loader(cfg, ontology, rank=rank, world_size=2, device="cpu", run_dir=None)
-        batch = next(loader)
-        loader.close()
-        model.zero_grad()
-        total, mim, hie = criterion(model(batch["input"], batch["mask"]), batch)
-        total.backward()
-        assert torch.isfinite(total) and mim > 0 and hie > 0
-        assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
+    model = criterion = None
+    for kind in LOADERS:
+        cfg = loader_config(tiny_shards, kind, micro_batch=4)
+        if model is None:
+            model = models.build_model(cfg.model, len(ontology))
+            criterion = loss_mod.PretrainLoss(cfg, ontology)
+        for rank in range(2):
+            loader = build_loader(cfg, ontology, rank=rank, world_size=2, device="cpu", run_dir=None)
+            batch = next(loader)
+            loader.close()
+            model.zero_grad()
+            total, mim, hie = criterion(model(batch["input"], batch["mask"]), batch)
+            total.backward()
+            assert torch.isfinite(total) and mim > 0 and hie > 0, (kind, rank)
+            assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0, (kind, rank)

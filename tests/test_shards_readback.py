@@ -155,3 +155,19 @@ def test_synthetic_rejections_and_crops_match_ground_truth(request):
     assert len(ious) > 50
     # Most sectors are bright to their rim; dark-field ones (fetal fluid, B-lines) crop tighter.
     assert np.median(ious) > 0.9
+
+
+def test_synthetic_near_duplicates_are_found(request, tmp_path, ontology):
+    try:
+        from echocare_dist.synth import generate_dataset  # noqa: F401
+    except ImportError:
+        pytest.skip("echocare_dist.synth.generate_dataset is not available yet")
+    synth = request.getfixturevalue("synth_dataset")
+    cfg = load_config("tiny_cpu", ["curation.near_dedup=true", "curation.workers=1"])
+    m = build_shards([synth.mapping], tmp_path / "nd", cfg, ontology, progress=False)
+    pairs = {frozenset((d["path"], d["of"]["path"])) for d in m["rejected"]["near_duplicate"]["details"]}
+    planted = [f for f in synth.files if f.role == "near_duplicate"]
+    assert planted
+    for f in planted:
+        pair = frozenset(str((Path(synth.root) / p).resolve()) for p in (f.path, f.of))
+        assert pair in pairs, f.path

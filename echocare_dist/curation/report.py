@@ -28,7 +28,9 @@ def format_summary(manifest: dict, top_nodes: int = 12) -> str:
     lines.append("  rejected: " + (", ".join(f"{r} {v['count']}" for r, v in rejected.items()) or "none"))
     for reason, v in rejected.items():
         for item in v.get("details", [])[:3]:
-            why = item.get("error") or item.get("detail") or (f"of {item['of']['path']}" if "of" in item else "")
+            of = item.get("of")
+            why = item.get("error") or item.get("detail") or (
+                f"of {of['path']}" + (f" frame {of['frame']}" if of.get("frame") is not None else "") if of else "")
             frame = f" frame {item['frame']}" if item.get("frame") is not None else ""
             lines.append(f"    {reason}: {item['path']}{frame}: {why}")
     ignored = manifest.get("ignored", {}).get("count", 0)

@@ -1,9 +1,11 @@
 """DALI loader: webdataset reader -> JPEG decode (GPU "mixed" or CPU) -> SPEC 5 augmentation.
 
-One pipeline definition; `data.device` picks where decoding and augmentation run ("auto": the GPU
-when the training device is CUDA). One pipeline per epoch (built in ~1 s, nothing next to an
-epoch): the plan in shards.py fixes its tar order and rank range, `stick_to_shard` keeps it there,
-and the loader stops it after `steps_per_epoch` batches.
+One pipeline definition; `data.device` picks where decoding, cropping/resizing and flips run
+("auto": the GPU when the training device is CUDA). DALI also draws the brightness/contrast
+factors; `augment.apply_jitter` applies them per batch on the training device, as for the fallback.
+One pipeline per epoch (built in well under a second, nothing next to an epoch): the plan in
+shards.py fixes its tar order and rank range, `stick_to_shard` keeps it there, and the loader stops
+it after `steps_per_epoch` batches.
 
 Resume: the pipeline runs with `enable_checkpointing`; the loader state carries
 `pipeline.checkpoint()` (reader position, shuffle buffer, every RNG) and the pipeline is rebuilt

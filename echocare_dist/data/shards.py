@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, replace
@@ -28,8 +27,6 @@ import numpy as np
 
 from ..atomic import atomic_write_json
 from ..curation.tario import INDEX_VERSION, split_name
-
-log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.json"
@@ -90,7 +87,7 @@ class ShardIndex:
             for i in range(0, len(tok), width):
                 ext, off, size = tok[i], int(tok[i + 1]), int(tok[i + 2])
                 if named and key is None:
-                    key = split_name(tok[i + 3])[0].rsplit("/", 1)[-1]
+                    key = split_name(tok[i + 3])[0]
                 if ext == "jpg":
                     entry_jpg = (off, size)
                 elif ext == "lbl":
@@ -160,9 +157,6 @@ class ShardSet:
         if not shards:
             raise ShardError(f"{mpath}: no shard holds any sample")
         return cls(root, shards, len(ontology), ontology.hash)
-
-    def index(self, shard: Shard) -> ShardIndex:
-        return ShardIndex.read(shard.idx)
 
     def shard_of_path(self, path: str) -> Shard | None:
         """The shard a tar or index path (as DALI prints it) belongs to."""

@@ -1,0 +1,363 @@
+"""Labeled downstream data: discovery, train/val split, decoding, resizing.
+
+Layouts (`finetune.data` is a folder; paths in a CSV are relative to `finetune.data` when set,
+else to the CSV's folder; names may contain spaces):
+- classification: `data/<class name>/**/<image>` (one sub-folder per class, sorted names give
+  the class ids), or a CSV with header `path,label` (labels are names or integers).
+- segmentation: `data/images/**/<stem>.<ext>` with `data/masks/**/<stem>[<mask_suffix>].<ext>`
+  (any image type on either side, same relative folder), or a CSV with header `path,mask`.
+- regression: a CSV with header `path,value`.
+
+Images: PNG/JPEG/BMP/TIFF of any size and depth, gray or colour; decoded to 8-bit gray (the
+curation decoder, so pixels match pretraining), resized to `img_size` x `img_size`.
+
+Masks (may differ from their image in size and file type; resized with nearest neighbour):
+- `mask_mode=ids`: pixel value = class id (0 = background); palette PNGs give their indices.
+- `mask_mode=binary`: value >= 128 is foreground (0/255 masks, also lossy JPEG masks).
+- `mask_mode=auto` (default): binary when every mask holds only 0 and 255, ids when every value
+  is below 128, otherwise an error asking to choose.
+Colour masks whose channels differ are refused (encode classes as gray or palette values).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..atomic import atomic_write_text
+from ..config import ConfigError, FinetuneConfig
+from ..curation.media import IMAGE_EXTS, iter_image
+
+log = logging.getLogger(__name__)
+
+BINARY_THRESHOLD = 128  # midpoint of 8-bit masks; documented above, not a tunable
+
+
+class DataError(ValueError):
+    """Bad downstream data; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    target: object          # class id (int), value (float) or mask path (Path)
+    key: str                # path relative to the data root: identifies the sample in split files
+
+
+@dataclass
+class TaskData:
+    samples: list[Sample]
+    class_names: list[str] | None      # classification
+    root: Path
+
+
+# --------------------------------------------------------------------------------------
+# decoding
+# --------------------------------------------------------------------------------------
+def read_gray(path: Path) -> np.ndarray:
+    """(H, W) uint8, whatever the file's depth and colour."""
+    try:
+        return next(iter_image(Path(path), 1))[1]
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+        raise DataError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def read_mask_values(path: Path) -> np.ndarray:
+    """Raw mask values (H, W) as uint8/uint16: palette indices or gray levels."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("P", "L", "1", "I;16", "I"):
+                arr = np.asarray(im)
+            elif im.mode in ("LA", "PA"):
+                arr = np.asarray(im)[..., 0]
+            else:
+                rgb = np.asarray(im.convert("RGB"))
+                if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+                    raise DataError(f"mask {path} is a colour image with differing channels; save class ids as a "
+                                    f"gray or palette image")
+                arr = rgb[..., 0]
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"cannot decode mask {path}: {type(exc).__name__}: {exc}") from exc
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if arr.dtype not in (np.uint8, np.uint16):
+        arr = arr.astype(np.int64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise DataError(f"mask {path} holds values outside 0..65535")
+        arr = arr.astype(np.uint16)
+    return arr
+
+
+def scan_mask_values(mask_paths: list[Path]) -> set[int]:
+    """Every value that occurs in the masks (read once at start-up: class count and mask mode)."""
+    values: set[int] = set()
+    for p in mask_paths:
+        values.update(int(v) for v in np.unique(read_mask_values(p)))
+    return values
+
+
+def resolve_mask_mode(values: set[int], mode: str) -> str:
+    """`auto` -> binary when only 0/255 occur, ids when every value is below 128, else an error."""
+    if mode != "auto":
+        return mode
+    if values <= {0, 255}:
+        return "binary"
+    if max(values) < BINARY_THRESHOLD:
+        return "ids"
+    shown = sorted(values)[:12]
+    raise DataError(f"masks hold values {shown}{'...' if len(values) > 12 else ''}: neither class ids (< "
+                    f"{BINARY_THRESHOLD}) nor 0/255; set finetune.mask_mode=binary (foreground = value >= "
+                    f"{BINARY_THRESHOLD}) or finetune.mask_mode=ids")
+
+
+def mask_to_ids(values: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "binary":
+        return (values >= BINARY_THRESHOLD).astype(np.int64)
+    return values.astype(np.int64)
+
+
+def resize_gray(img: np.ndarray, size: int) -> np.ndarray:
+    # Area averaging when shrinking (no aliasing of speckle), bilinear when enlarging.
+    interp = cv2.INTER_AREA if img.shape[0] > size or img.shape[1] > size else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    # int64 is not a cv2 type; class ids fit in int32.
+    return cv2.resize(mask.astype(np.int32), (size, size), interpolation=cv2.INTER_NEAREST).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# discovery
+# --------------------------------------------------------------------------------------
+def _images_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def _read_csv(path: Path, columns: tuple[str, str]) -> list[tuple[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            if not all(c in header for c in columns):
+                raise DataError(f"CSV {path}: the header must name the columns {list(columns)}, got {header}")
+            rows = []
+            for i, row in enumerate(reader, start=2):
+                row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+                if not row.get(columns[0]) and not row.get(columns[1]):
+                    continue  # blank line
+                if not row.get(columns[0]) or not row.get(columns[1]):
+                    raise DataError(f"CSV {path} line {i}: empty '{columns[0]}' or '{columns[1]}'")
+                rows.append((row[columns[0]], row[columns[1]]))
+    except OSError as exc:
+        raise DataError(f"cannot read CSV {path}: {exc.strerror}") from exc
+    if not rows:
+        raise DataError(f"CSV {path} has no rows")
+    return rows
+
+
+def _resolve(base: Path, rel: str, what: str, csv_path: Path) -> Path:
+    p = Path(rel).expanduser()
+    p = p if p.is_absolute() else base / p
+    if not p.is_file():
+        raise DataError(f"CSV {csv_path}: {what} {rel!r} not found (looked at {p})")
+    return p
+
+
+def _class_order(labels: list[str]) -> list[str]:
+    names = sorted(set(labels))
+    if all(n.lstrip("-").isdigit() for n in names):
+        names.sort(key=int)
+    return names
+
+
+def discover(ft: FinetuneConfig, resolve_path) -> TaskData:
+    """All labeled samples of the task, in a deterministic order."""
+    data = resolve_path(ft.data) if ft.data else None
+    csv_path = resolve_path(ft.csv) if ft.csv else None
+    if data is None and csv_path is None:
+        raise ConfigError("finetune.data or finetune.csv must be set")
+    if data is not None and not data.is_dir():
+        raise ConfigError(f"finetune.data={ft.data!r} is not a directory")
+    root = data if data is not None else csv_path.parent
+
+    if ft.task == "classification":
+        if csv_path is not None:
+            rows = _read_csv(csv_path, ("path", "label"))
+            names = _class_order([label for _, label in rows])
+            index = {n: i for i, n in enumerate(names)}
+            samples = [Sample(_resolve(root, p, "image", csv_path), index[label], p) for p, label in rows]
+        else:
+            class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+            class_dirs = [d for d in class_dirs if _images_under(d)]
+            if len(class_dirs) < 2:
+                raise DataError(f"{root}: classification needs one sub-folder of images per class "
+                                f"(found {len(class_dirs)} with images)")
+            names = [d.name for d in class_dirs]
+            samples = [Sample(img, i, img.relative_to(root).as_posix())
+                       for i, d in enumerate(class_dirs) for img in _images_under(d)]
+        return TaskData(samples, names, root)
+
+    if ft.task == "regression":
+        if csv_path is None:
+            raise ConfigError("finetune.task=regression needs finetune.csv (columns path,value)")
+        samples = []
+        for p, value in _read_csv(csv_path, ("path", "value")):
+            try:
+                v = float(value)
+            except ValueError:
+                raise DataError(f"CSV {csv_path}: value {value!r} of {p!r} is not a number") from None
+            if not np.isfinite(v):
+                raise DataError(f"CSV {csv_path}: value {value!r} of {p!r} is not finite")
+            samples.append(Sample(_resolve(root, p, "image", csv_path), v, p))
+        return TaskData(samples, None, root)
+
+    # segmentation
+    if csv_path is not None:
+        samples = [Sample(_resolve(root, p, "image", csv_path), _resolve(root, m, "mask", csv_path), p)
+                   for p, m in _read_csv(csv_path, ("path", "mask"))]
+        return TaskData(samples, None, root)
+    images_dir, masks_dir = root / "images", root / "masks"
+    if not images_dir.is_dir() or not masks_dir.is_dir():
+        raise DataError(f"{root}: segmentation needs images/ and masks/ sub-folders (or finetune.csv)")
+    masks: dict[tuple[str, str], Path] = {}
+    for m in _images_under(masks_dir):
+        rel_dir = m.parent.relative_to(masks_dir).as_posix()
+        masks.setdefault((rel_dir, m.stem), m)
+    samples, missing = [], []
+    for img in _images_under(images_dir):
+        rel_dir = img.parent.relative_to(images_dir).as_posix()
+        mask = masks.get((rel_dir, img.stem)) or masks.get((rel_dir, img.stem + ft.mask_suffix))
+        if mask is None:
+            missing.append(img)
+        else:
+            samples.append(Sample(img, mask, img.relative_to(root).as_posix()))
+    if missing:
+        raise DataError(f"{len(missing)} image(s) under {images_dir} have no mask in {masks_dir} (looked for the "
+                        f"same stem or stem + {ft.mask_suffix!r}), e.g. {missing[0]}")
+    if not samples:
+        raise DataError(f"no images under {images_dir}")
+    return TaskData(samples, None, root)
+
+
+# --------------------------------------------------------------------------------------
+# split
+# --------------------------------------------------------------------------------------
+def split_samples(task: TaskData, ft: FinetuneConfig, resolve_path) -> tuple[list[Sample], list[Sample]]:
+    if ft.split_file:
+        path = resolve_path(ft.split_file)
+        assignment = dict(_read_csv(path, ("path", "split")))
+        by_key = {s.key: s for s in task.samples}
+        unknown = [k for k in assignment if k not in by_key]
+        if unknown:
+            raise DataError(f"split file {path} names {len(unknown)} path(s) that are not in the data, "
+                            f"e.g. {unknown[0]!r} (paths are relative to {task.root})")
+        train = [s for s in task.samples if assignment.get(s.key) == "train"]
+        val = [s for s in task.samples if assignment.get(s.key) == "val"]
+    else:
+        rng = random.Random(ft.seed)
+        groups: dict[object, list[Sample]] = defaultdict(list)
+        for s in task.samples:  # stratify classification; one group otherwise
+            groups[s.target if task.class_names is not None else 0].append(s)
+        train, val = [], []
+        for key in sorted(groups, key=str):
+            members = list(groups[key])
+            rng.shuffle(members)
+            n_val = int(round(len(members) * ft.val_fraction))
+            if len(members) >= 2:
+                n_val = min(max(n_val, 1), len(members) - 1)
+            val += members[:n_val]
+            train += members[n_val:]
+    if not train or not val:
+        raise DataError(f"the split leaves {len(train)} training and {len(val)} validation samples "
+                        f"(of {len(task.samples)}); both must be non-empty")
+    return train, val
+
+
+def write_split(path: Path, train: list[Sample], val: list[Sample]) -> None:
+    """The split actually used, in split-file format (reusable as finetune.split_file)."""
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "split"])
+    for name, part in (("train", train), ("val", val)):
+        for s in part:
+            w.writerow([s.key, name])
+    atomic_write_text(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------
+# dataset
+# --------------------------------------------------------------------------------------
+class FinetuneDataset(Dataset):
+    """Returns dict(image=(in_chans,S,S) float normalized, target=..., [mask_full=(H,W) int64])."""
+
+    def __init__(self, samples: list[Sample], task: str, img_size: int, in_chans: int, norm_mean: float,
+                 norm_std: float, train: bool, hflip_prob: float = 0.0, mask_mode: str = "ids",
+                 num_classes: int = 0, target_mean: float = 0.0, target_std: float = 1.0, seed: int = 0):
+        self.samples, self.task, self.size, self.in_chans = samples, task, img_size, in_chans
+        self.mean, self.std = norm_mean, norm_std
+        self.train, self.hflip_prob = train, hflip_prob
+        self.mask_mode, self.num_classes = mask_mode, num_classes
+        self.target_mean, self.target_std = target_mean, target_std
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _flip(self, index: int) -> bool:
+        # Seeded per (seed, epoch, sample): identical with any number of DataLoader workers.
+        if not self.train or self.hflip_prob <= 0:
+            return False
+        return random.Random(hash((self.seed, self.epoch, index))).random() < self.hflip_prob
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.samples[index]
+        img = resize_gray(read_gray(s.image), self.size).astype(np.float32) / 255.0
+        flip = self._flip(index)
+        if flip:
+            img = img[:, ::-1]
+        x = torch.from_numpy((np.ascontiguousarray(img) - self.mean) / self.std)[None]
+        if self.in_chans > 1:
+            x = x.expand(self.in_chans, -1, -1).clone()
+        out = dict(image=x, index=index)
+        if self.task == "classification":
+            out["target"] = torch.tensor(int(s.target), dtype=torch.long)
+        elif self.task == "regression":
+            out["target"] = torch.tensor((float(s.target) - self.target_mean) / self.target_std, dtype=torch.float32)
+        else:
+            ids = mask_to_ids(read_mask_values(s.target), self.mask_mode)
+            if ids.max(initial=0) >= self.num_classes:
+                raise DataError(f"mask {s.target} holds class id {int(ids.max())} but there are "
+                                f"{self.num_classes} classes (finetune.num_classes / mask_mode)")
+            small = resize_mask(ids, self.size)
+            if flip:
+                small = small[:, ::-1]
+            out["target"] = torch.from_numpy(np.ascontiguousarray(small))
+            if not self.train:
+                out["mask_full"] = torch.from_numpy(ids)  # metrics are taken at the mask's own resolution
+        return out
+
+
+def collate(batch: list[dict]) -> dict:
+    out = {k: torch.stack([b[k] for b in batch]) if k != "mask_full" else [b[k] for b in batch]
+           for k in batch[0] if k != "index"}
+    out["index"] = [b["index"] for b in batch]
+    return out
