@@ -170,6 +170,7 @@ def test_augmentation_statistics_match(ramp_shards, ontology):
     assert abs(d["std_of_means"] - w["std_of_means"]) < 0.02, stats
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize("threads", [0, 3])
 def test_fallback_resume_with_other_worker_counts(shards, ontology, threads):
     """In-process (0 workers) and 3 workers (streams that do not divide the epoch evenly)."""

@@ -111,7 +111,7 @@ class PretrainLoader:
         """uint8 (B,1,H,W) images + (B,2) jitter factors from the reader -> the batch, on the device."""
         target = apply_jitter(images.to(self.device, non_blocking=True), torch.as_tensor(jitter))
         mean, std = self._norm
-        return dict(target=target, input=torch.add(torch.tensor(-mean / std, device=target.device), target, alpha=1.0 / std),
+        return dict(target=target, input=(target - mean).div_(std),
                     mask=self.masks.token_masks(keys, self.epoch, self.device),
                     labels=torch.as_tensor(labels).to(self.device, non_blocking=True), keys=list(keys))
 

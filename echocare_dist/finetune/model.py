@@ -7,8 +7,9 @@
   predicting one logit per class and pixel instead of reconstructed pixels.
 
 Linear probe: the encoder is frozen and stays in eval mode (no drop path, no gradients).
-Layer-wise LR decay: timm's Swin `group_matcher` gives one layer id per block (patch merging
-joins the first block of its stage); the head/decoder get the full LR.
+Layer-wise LR decay (timm's `param_groups_layer_decay` over Swin's `group_matcher`): one layer id
+per block, lr_scale = layer_decay ** (number of blocks above it); the last block, the final norm
+and the head/decoder get the full LR, patch merging shares its stage's first block, the stem is lowest.
 """
 from __future__ import annotations
 

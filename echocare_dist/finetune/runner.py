@@ -191,7 +191,7 @@ class Finetuner:
 
     @torch.no_grad()
     def evaluate(self, model=None) -> dict:
-        model = model or self.model
+        model = model if model is not None else self.model
         model.eval()
         losses, n = 0.0, 0
         outputs, targets, dices, nsds = [], [], [], []
@@ -294,7 +294,8 @@ class Finetuner:
             tracker.log_artifact(self.run_dir / "best.json")
             tracker.finish(status)
         print(format_table(history, self.monitor))
-        print(f"best epoch {best_epoch} ({self.monitor}={best:.4f}) -> {self.run_dir / 'best.safetensors'}")
+        if best_epoch is not None:
+            print(f"best epoch {best_epoch} ({self.monitor}={best:.4f}) -> {self.run_dir / 'best.safetensors'}")
         return summary
 
 
