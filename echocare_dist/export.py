@@ -176,10 +176,17 @@ def inspect_checkpoint(ref: CheckpointRef, require_marker: bool = True) -> Check
 
 def consolidated_state_dict(ref: CheckpointRef, info: CheckpointInfo, progress: bool = True) -> dict:
     """fp32 weights of the whole model, on the CPU, with the model's own parameter names."""
+    import torch
     from tqdm import tqdm
 
     if info.zero_stage == 0:
         tensors = dict(info.rank0_states["module"])
+        low = sorted({str(t.dtype) for t in tensors.values() if t.is_floating_point() and t.dtype != torch.float32})
+        if low:
+            # Without ZeRO the module holds what the engine trained; with DeepSpeed's own fp16/bf16
+            # mode that is the 16-bit copy (our trainer keeps fp32 weights and uses autocast).
+            log.warning("%s holds %s module weights: exporting those (no fp32 master copy without ZeRO)",
+                        ref.tag_dir, "/".join(low))
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         try:

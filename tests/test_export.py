@@ -8,9 +8,7 @@ model's encoder features on a probe batch: the exported encoder must reproduce t
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import train_launch as tl  # shared launcher environment of the multi-process tests
 
 from echocare_dist.export import (ENCODER_FILE, HEADS_FILE, META_FILE, ExportError, export_checkpoint,
                                   load_encoder, timm_kwargs)
@@ -33,7 +32,7 @@ MAKE_CHECKPOINTS = textwrap.dedent('''
     from echocare_dist.train.checkpoint import CheckpointManager, model_fingerprint
 
     out, stages = Path(sys.argv[1]), [int(s) for s in sys.argv[2:]]
-    env = distributed.init_distributed(120)
+    env = distributed.init_distributed(600)  # generous: CI cores are shared
     cfg = load_config("tiny_cpu")
     onto = load_ontology(cfg.resolve_path(cfg.ontology.path))
     grid = cfg.model.img_size // cfg.model.patch_size
@@ -79,22 +78,15 @@ MAKE_CHECKPOINTS = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _make_checkpoints(out: Path, stages: list[int], nproc: int) -> None:
     script = out / "make_checkpoints.py"
     script.write_text(MAKE_CHECKPOINTS)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = {k: v for k, v in tl.env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     if nproc == 1:
         cmd = [sys.executable, str(script)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", str(script)]
+               f"--master_port={tl.free_port()}", str(script)]
     proc = subprocess.run(cmd + [str(out)] + [str(s) for s in stages], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -83,6 +83,11 @@ def test_classification_learns_brightness_and_saves_best(tmp_path, exported, bri
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk["best_epoch"] == summary["best_epoch"] == max(
         range(1, 3), key=lambda e: (summary["history"][e - 1]["val_macro_f1"], -e))
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    logged = client.get_metric_history(summary["mlflow_run_id"], "val_accuracy")
+    assert [m.step for m in logged] == [1, 2]
+    assert client.get_run(summary["mlflow_run_id"]).data.params["finetune.task"] == "classification"
     split = (run / "split.csv").read_text().splitlines()
     assert split[0] == "path,split" and len(split) == 41 and any(" " in line for line in split[1:])
 
@@ -152,6 +157,39 @@ def test_segmentation_masks_of_other_size_and_format(tmp_path, exported):
     info = json.loads((tmp_path / "run" / "best.json").read_text())
     assert info["mask_mode"] == "binary" and info["num_outputs"] == 2
     assert (tmp_path / "run" / "best.safetensors").is_file()
+
+
+def test_segmentation_multiclass_palette_masks_from_csv(tmp_path, exported):
+    from echocare_dist.finetune.runner import run_finetune
+
+    root = tmp_path / "multi"
+    rng = np.random.default_rng(3)
+    rows = ["path,mask"]
+    for i in range(8):
+        h, w = SIZES[i % len(SIZES)]
+        ids = np.zeros((h // 3, w // 3), np.uint8)
+        ids[: h // 6, : w // 6] = 1
+        ids[h // 6:, w // 6:] = 2
+        big = cv2_resize_nearest(ids, w, h)
+        _save(np.clip(40 + 80 * big + rng.normal(0, 8, (h, w)), 0, 255), root / f"img {i}.png", "RGB")
+        pal = Image.fromarray(ids, "P")
+        pal.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+        pal.save(root / f"lab {i}.png")
+        rows.append(f"img {i}.png,lab {i}.png")
+    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
+    cfg = _cfg(tmp_path, exported, "finetune.task=segmentation", f"finetune.csv={root / 'pairs.csv'}",
+               "finetune.epochs=1", "finetune.val_fraction=0.25")
+    summary = run_finetune(cfg)
+    best = summary["best"]
+    assert {"val_dice", "val_nsd", "val_dice_class1", "val_dice_class2"} <= set(best)
+    assert best["val_dice"] == pytest.approx((best["val_dice_class1"] + best["val_dice_class2"]) / 2)
+    info = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert info["mask_mode"] == "ids" and info["num_outputs"] == 3
+
+
+def cv2_resize_nearest(ids: np.ndarray, w: int, h: int) -> np.ndarray:
+    import cv2
+    return cv2.resize(ids, (w, h), interpolation=cv2.INTER_NEAREST)
 
 
 def test_regression_csv_via_cli(tmp_path, exported, capsys):
@@ -250,3 +288,26 @@ def test_layer_decay_groups(exported):
     probe.train()
     assert not probe.encoder.training and probe.decoder.training
     assert probe(torch.zeros(2, 1, 64, 64)).shape == (2, 2, 64, 64)
+
+
+# ------------------------------------------------------------------------------ the whole chain
+@pytest.mark.slow
+def test_pretrain_export_finetune_chain(tmp_path, tiny_shards, bright_dark):
+    """2-rank ZeRO-2 pretraining (launch/pretrain.py under torchrun) -> `echocare export` -> fine-tune."""
+    import train_launch as tl
+
+    from echocare_dist.cli import main
+    from echocare_dist.finetune.runner import run_finetune
+
+    run_dir, log = tmp_path / "pretrain", tmp_path / "pretrain.log"
+    rc = tl.run("torchrun", tl.base_overrides(run_dir, tiny_shards, train__steps=4, train__ckpt_every=2,
+                                              train__zero_stage=2), log)
+    assert rc == 0, tl.tail(log)
+    export_dir = tmp_path / "export"
+    assert main(["export", str(run_dir), "--out", str(export_dir), "--no-progress"]) == 0
+    meta = json.loads((export_dir / "encoder.json").read_text())
+    assert (meta["source"]["step"], meta["source"]["world_size"], meta["source"]["zero_stage"]) == (4, 2, 2)
+
+    summary = run_finetune(_cfg(tmp_path, export_dir / "encoder.safetensors", "finetune.task=classification",
+                                f"finetune.data={bright_dark}", "finetune.val_fraction=0.25"))
+    assert summary["best"]["val_accuracy"] > 0.5

@@ -104,8 +104,7 @@ class Cluster:
             if predicate(info):
                 return info
             time.sleep(1)
-        raise AssertionError(f"job {job_id}: {what} not reached in {timeout:.0f}s: {info.get('JobState')} "
-                             f"Restarts={info.get('Restarts')}\n{_tail(log)}")
+        raise AssertionError(f"job {job_id}: {what} not reached in {timeout:.0f}s: {info}\n{_tail(log)}\n{self.logs()}")
 
     def logs(self) -> str:
         return "\n".join(f"--- {f}\n{_tail(f)}" for f in sorted((self.state / "log").glob("*.log")))
@@ -242,14 +241,18 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tiny_shards,
         preempted_at = _step_of(_latest(run_dir))
         assert first <= preempted_at < steps, (first, preempted_at)
         assert (run_dir / "checkpoints" / _latest(run_dir)).is_dir()
-        # Skip the ~2 min hold Slurm puts on a requeued job.
+        # Skip the ~2 min hold Slurm puts on a requeued job, but not within the second of the
+        # requeue: slurmd rejects a launch whose credential is as old as the revocation
+        # ("Killing non-startable batch JobId: Job credential revoked" -> FAILED).
+        time.sleep(2)
         slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
         info = slurm_cluster.wait_for(job_id, lambda j: j["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"),
                                       "the end of the resumed run", 360, log)
     finally:
         slurm_cluster.run("scancel", job_id, check=False)
     out = _tail(log, 600)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", (info, out)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", \
+        f"{info}\n{out}\n{slurm_cluster.logs()}"
     first_run, _, second_run = out.partition(f"job {job_id} restart 1 ")
     assert second_run, f"no second run (SLURM_RESTART_COUNT=1) in the log:\n{out}"
     assert "received SIGUSR1: forwarding it to the training step" in first_run

@@ -53,6 +53,9 @@ def env() -> dict:
     # Same thread count under every launcher (torchrun would set 1, deepspeed would not): matmul
     # reduction order, hence bit-exact trajectories, depends on it. Also kind to a 2-core CI box.
     e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # The venv's ninja first: DeepSpeed JIT-builds its CPU comm op with whichever `ninja` is on PATH,
+    # and a build dir touched by two ninja versions (system 1.11 vs venv 1.13) is rebuilt every time.
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     e.pop("MLFLOW_TRACKING_URI", None)
     return e
 

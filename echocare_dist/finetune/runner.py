@@ -319,11 +319,11 @@ def run_finetune(cfg: Config) -> dict:
 
 def load_finetuned(run_dir: str | Path, device: str = "cpu"):
     """(model in eval mode, best.json) of a finished fine-tuning run."""
+    import timm
     from safetensors.torch import load_file
 
     from ..export import timm_kwargs
 
-    import timm
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "best.json").read_text())
     encoder = timm.create_model(**timm_kwargs(info["encoder"], img_size=info["img_size"]))

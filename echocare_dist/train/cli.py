@@ -10,11 +10,8 @@ checkpoint, requeue; 2 bad config / incompatible checkpoint; anything else is a 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-
-log = logging.getLogger(__name__)
 
 
 def add_pretrain_args(parser: argparse.ArgumentParser) -> None:

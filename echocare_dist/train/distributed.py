@@ -11,7 +11,6 @@ one-integer all-reduce on the host, so it never forces a GPU synchronisation.
 """
 from __future__ import annotations
 
-import logging
 import os
 import random
 import re
@@ -21,8 +20,6 @@ from datetime import timedelta
 
 import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -17,8 +16,6 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write_text
-
-log = logging.getLogger(__name__)
 
 # Dense (no sparsity) peak TFLOP/s per device by name fragment; "fp32" is the non-tensor-core
 # rate that torch uses for fp32 matmuls unless TF32 is allowed.

@@ -9,13 +9,10 @@ script turns into a requeue. Exit 0 means the run finished; anything else is a c
 """
 from __future__ import annotations
 
-import logging
 import signal
 from typing import Iterable
 
 from . import distributed
-
-log = logging.getLogger(__name__)
 
 
 class PreemptionHandler:
