@@ -218,7 +218,7 @@ def test_sbatch_tiny_pretraining_two_tasks(slurm_cluster, tiny_shards, tmp_path)
 @pytest.mark.timeout(600)
 def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tiny_shards, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    steps, ckpt_every = 24, 4
+    steps, ckpt_every = 32, 4
     job_id, _ = _submit(slurm_cluster, log, *TINY, "--set", f"data.shards={tiny_shards}",
                         "--set", f"train.run_dir={run_dir}", "--set", f"train.steps={steps}",
                         "--set", f"train.ckpt_every={ckpt_every}")

@@ -33,8 +33,10 @@ PEAK_TFLOPS = {
 
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024,
                           seconds: float = 0.2) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: the global RNG streams belong to training (a resume restores them).
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     torch.mm(a, b)  # warm-up (threads, kernels)
     iters, t0 = 0, time.perf_counter()
     while True:

@@ -97,9 +97,9 @@ class Pretrainer:
                                    device=env.device, run_dir=self.run_dir)
         # Per-rank stream for stochastic depth etc.; a resume on the same world size restores it exactly.
         distributed.seed_everything(cfg.train.seed + 1 + env.rank)
-        if plan is not None:
-            self._restore(plan)
         self.peak_tflops, peak_source = peak_tflops(env.device, cfg.train.precision, cfg.train.peak_tflops)
+        if plan is not None:
+            self._restore(plan)  # last: nothing may draw from the restored RNG streams before step 1
         if env.is_main:
             self.metrics_file.truncate_after(self.step)
             peak_lr, min_lr = scaled_lr(cfg, env.world_size)
