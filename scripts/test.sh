@@ -9,6 +9,8 @@ cd "$ROOT"
 bash scripts/install.sh
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/echocare/torch_extensions}"
 export PYTHONUNBUFFERED=1
+# One ninja for every process (see tests/conftest.py): the venv's.
+export PATH="$ROOT/.venv/bin:$PATH"
 set +e
 .venv/bin/python -m pytest -p no:cacheprovider --timeout=1200 "$@"
 rc=$?

@@ -11,6 +11,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 # DeepSpeed JIT-builds a small op on first start; keep it across runs (CI and developers).
+# The venv's bin goes first on PATH so every process (launchers, ranks, Slurm tasks) finds the
+# same `ninja`: the venv ships ninja 1.13 and Debian 1.11, whose build logs hash commands
+# differently, so mixing them rebuilds the op on every start (minutes under load).
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 os.environ.setdefault("TORCH_EXTENSIONS_DIR",
                       str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "echocare" / "torch_extensions"))
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
