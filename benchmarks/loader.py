@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from hardware import describe  # benchmarks/hardware.py (the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -77,16 +78,7 @@ def _dali_version() -> str:
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {gpu}"
+    return describe()
 
 
 def main(argv=None) -> int:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from hardware import describe  # benchmarks/hardware.py (the script's folder is on sys.path)
 
 from echocare_dist.config import load_config
 from echocare_dist.curation import build_shards
@@ -25,22 +26,7 @@ from echocare_dist.ontology import load_ontology
 
 
 def hardware() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f", {kb / 2**20:.0f} GiB RAM"
-    except (OSError, ValueError, IndexError):
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}, {usable} usable cores{mem}, Python {platform.python_version()}"
+    return describe()
 
 
 def main() -> None:

@@ -21,13 +21,14 @@ import datetime
 import gc
 import logging
 import os
-import platform
 import socket
 import sys
 import threading
 import time
 import warnings
 from pathlib import Path
+
+from hardware import describe  # benchmarks/hardware.py (the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -77,16 +78,7 @@ def device_peak(device: torch.device, precision: str) -> tuple[float, str]:
 
 
 def hardware_line(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or "cpu"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return f"{cpu}, {torch.get_num_threads()} threads{load}"
+    return f"{describe()}, {torch.get_num_threads()} torch threads"
 
 
 def sync(device: torch.device) -> None:
