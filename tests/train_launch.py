@@ -53,9 +53,6 @@ def env() -> dict:
     # Same thread count under every launcher (torchrun would set 1, deepspeed would not): matmul
     # reduction order, hence bit-exact trajectories, depends on it. Also kind to a 2-core CI box.
     e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    # The venv's ninja first: DeepSpeed JIT-builds its CPU comm op with whichever `ninja` is on PATH,
-    # and a build dir touched by two ninja versions (system 1.11 vs venv 1.13) is rebuilt every time.
-    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     e.pop("MLFLOW_TRACKING_URI", None)
     return e
 
@@ -114,15 +111,18 @@ def latest(run_dir: Path) -> str:
 
 
 def rank_pids(proc) -> dict[int, int]:
-    """{rank: pid} of the training processes under a launcher (ranks read from the env)."""
+    """{rank: pid} of the training processes under a launcher (ranks read from the env).
+
+    A rank's own children (data-loader workers) carry the same RANK and command line: the rank
+    is the process whose parent is not a rank."""
     import psutil
-    out = {}
+    candidates = {}
     for child in psutil.Process(proc.pid).children(recursive=True):
         try:
-            if str(LAUNCH) in " ".join(child.cmdline()) or "echocare_dist.train.cli" in " ".join(child.cmdline()):
-                rank = child.environ().get("RANK")
-                if rank is not None:
-                    out[int(rank)] = child.pid
+            cmd = " ".join(child.cmdline())
+            rank = child.environ().get("RANK")
+            if rank is not None and (str(LAUNCH) in cmd or "echocare_dist.train.cli" in cmd):
+                candidates[child.pid] = (int(rank), child.ppid())
         except psutil.Error:
             continue
-    return out
+    return {rank: pid for pid, (rank, ppid) in candidates.items() if ppid not in candidates}

@@ -185,7 +185,8 @@ class Pretrainer:
         lr = self.optimizer.param_groups[0]["lr"]  # the LR this step's update uses
         for _ in range(accum):
             t0 = time.perf_counter()
-            batch = next(self.loader)  # an infinite iterator (echocare_dist.data contract)
+            with self._isolated_rng():
+                batch = next(self.loader)  # an infinite iterator (echocare_dist.data contract)
             data_wait += time.perf_counter() - t0
             out = engine(batch["input"], batch["mask"])
             loss, mim, hie = self.loss_fn(out, batch)
@@ -196,6 +197,12 @@ class Pretrainer:
             hie_sum = hie.detach() if hie_sum is None else hie_sum + hie.detach()
         window.add(total / accum, mim_sum / accum, hie_sum / accum, data_wait)
         return batch, out, lr
+
+    def _isolated_rng(self):
+        """The loader has its own seeded randomness; whatever it draws from torch's global streams
+        (a reader starting lazily after a resume does) must not shift stochastic depth."""
+        devices = [self.env.device.index] if self.env.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=devices)
 
     def _log(self, window: Window, lr: float) -> None:
         env = self.env
