@@ -22,6 +22,9 @@ so every rank still runs the same number of steps.
 """
 from __future__ import annotations
 
+import functools
+import signal
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -30,6 +33,14 @@ from .augment import AugmentParams, augment, decode_gray
 from .loader import PretrainLoader
 from .masking import sample_stream_ids
 from .shards import DataLoaderError, EpochPlan, SampleError, ShardError, TarReader, buffer_shuffle, derive_seed
+
+
+def _ignore_signals(names, worker_id: int) -> None:
+    """DataLoader workers ignore the preemption signals. Slurm signals the whole job step
+    (time limit, scancel), and a worker killed by it would crash the rank before the trainer
+    could write its preemption checkpoint; the trainer shuts workers down itself."""
+    for name in names:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class EpochStreams(IterableDataset):
@@ -148,7 +159,8 @@ class WdsLoader(PretrainLoader):
             return
         remaining = self._plan.steps - self.position
         loader = DataLoader(ds, batch_size=None, num_workers=self._streams, prefetch_factor=d.prefetch,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+                            pin_memory=self.device.type == "cuda", persistent_workers=False,
+                            worker_init_fn=functools.partial(_ignore_signals, self.cfg.train.preempt_signals))
         self._it = iter(loader) if remaining > 0 else iter(())
 
     def _stop_reader(self) -> None:
