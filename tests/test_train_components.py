@@ -320,3 +320,20 @@ def test_reconstruction_grid_layout():
     assert np.abs(col(1)[p:, p:].astype(float) - expected_target[p:, p:]).max() <= 1
     assert (col(2) == 64).all()                                             # reconstruction
     assert np.abs(col(3).astype(float) - expected_target).max() <= 1       # target
+
+
+def test_environment_tools_come_first_on_path(monkeypatch):
+    """The venv's ninja must win over the system's for every rank (else DeepSpeed rebuilds its op)."""
+    import os
+    import sys
+
+    from echocare_dist.train.distributed import prefer_environment_tools
+    bindir = os.path.dirname(sys.executable)
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", bindir, "/bin"]))
+    prefer_environment_tools()
+    prefer_environment_tools()
+    parts = os.environ["PATH"].split(os.pathsep)
+    if os.path.exists(os.path.join(bindir, "ninja")):
+        assert parts == [bindir, "/usr/bin", "/bin"]
+    else:
+        assert parts == ["/usr/bin", bindir, "/bin"]

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -89,12 +90,26 @@ def pick_device(local_rank: int) -> torch.device:
 _CONTROL_GROUP = None
 
 
+def prefer_environment_tools() -> None:
+    """Put this interpreter's bin folder first on PATH when it ships `ninja`.
+
+    DeepSpeed JIT-builds an op with torch's cpp_extension, which runs whatever `ninja` PATH
+    finds. A venv used without activation would mix the venv's ninja (1.13) with the system's
+    (1.11); their build logs hash commands differently, so each start rebuilds the op."""
+    bindir = os.path.dirname(sys.executable)
+    if os.path.exists(os.path.join(bindir, "ninja")):
+        parts = os.environ.get("PATH", "").split(os.pathsep)
+        if not parts or parts[0] != bindir:
+            os.environ["PATH"] = os.pathsep.join([bindir] + [p for p in parts if p != bindir])
+
+
 def init_distributed(timeout_s: int) -> DistEnv:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU) plus a gloo control group."""
     import deepspeed
     import torch.distributed as dist
 
     global _CONTROL_GROUP
+    prefer_environment_tools()
     layout = detect_env()
     # DeepSpeed and torch read the layout from these variables; export the translated Slurm ones.
     for key, value in (("RANK", layout["rank"]), ("WORLD_SIZE", layout["world_size"]),
