@@ -118,12 +118,15 @@ def _summary(out: Path, times: dict, shards: Path, run_dir: Path | None = None, 
         lines += [f"pretrain    {run_dir}  (latest checkpoint {latest}; {trend}; MLflow: {run_dir / 'mlflow.db'})"]
     if export is not None:
         meta = json.loads((export / "encoder.json").read_text())
-        lines += [f"export      {export / 'encoder.safetensors'}  ({meta.get('arch')}, step {meta.get('step')})"]
+        src = meta.get("source", {})
+        lines += [f"export      {export / 'encoder.safetensors'}  ({meta.get('arch')}, step {src.get('step')}, "
+                  f"ZeRO-{src.get('zero_stage')} x {src.get('world_size')} ranks)"]
     for ft in finetune or []:
         metrics = ft / "metrics.json"
-        best = json.loads(metrics.read_text()) if metrics.exists() else {}
-        shown = {k: round(v, 4) for k, v in (best.get("best") or best).items() if isinstance(v, (int, float))}
-        lines += [f"finetune    {ft}  {shown}"]
+        summary = json.loads(metrics.read_text()) if metrics.exists() else {}
+        best = summary.get("best") or {}
+        shown = ", ".join(f"{k[4:]} {v:.3f}" for k, v in best.items() if k.startswith("val_") and k != "val_loss")
+        lines += [f"finetune    {ft}  ({summary.get('task')}, best epoch {summary.get('best_epoch')}: {shown})"]
     lines += ["timings     " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()), "=" * 72]
     print("\n".join(lines), flush=True)
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
