@@ -19,10 +19,12 @@ def test_fallback_workers_survive_preemption_signals(tmp_path, ontology):
     root = tmp_path / "shards"
     write_shards(root, ontology, (24, 24))
     cfg = loader_config(root, "wds", "data.num_threads=2")
+    me = psutil.Process(os.getpid())
+    before = {p.pid for p in me.children(recursive=True)}  # e.g. a resource tracker of earlier tests
     loader = build_loader(cfg, ontology, rank=0, world_size=1, device="cpu", run_dir=tmp_path / "run")
     try:
         first = take(loader, 1)
-        workers = psutil.Process(os.getpid()).children(recursive=True)
+        workers = [p for p in me.children(recursive=True) if p.pid not in before]
         assert workers, "the fallback loader should run DataLoader worker processes"
         for w in workers:
             os.kill(w.pid, signal.SIGTERM)
