@@ -428,12 +428,10 @@ def load_encoder(path: str | Path, img_size: int | None = None, drop_path_rate: 
     weights, meta = read_export_meta(path)
     if verify:
         expected = meta.get("files", {}).get("encoder", {}).get("sha256")
-        digest = hashlib.sha256()
-        with open(weights, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                digest.update(chunk)
-        if expected and digest.hexdigest() != expected:
-            raise ExportError(f"{weights}: SHA-256 {digest.hexdigest()} differs from {expected} in "
+        from .atomic import file_sha256
+        actual = file_sha256(weights)
+        if expected and actual != expected:
+            raise ExportError(f"{weights}: SHA-256 {actual} differs from {expected} in "
                               f"{META_FILE} (a corrupt or replaced file)")
     model = timm.create_model(**timm_kwargs(meta, img_size, drop_path_rate))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}

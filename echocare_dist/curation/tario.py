@@ -13,7 +13,6 @@ half-written shard that looks finished.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tarfile
@@ -21,7 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic import _fsync_dir, atomic_write_text
+from ..atomic import _fsync_dir, atomic_write_text, file_sha256  # noqa: F401 (re-exported)
 
 INDEX_VERSION = "v1.2"
 SAMPLE_EXTS = ("jpg", "lbl", "json")
@@ -110,16 +109,13 @@ class ShardWriter:
         self._tar.close()
         with open(self._tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        digest = hashlib.sha256()
-        with open(self._tmp, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        sha256 = file_sha256(self._tmp)
         # Index first (describes the tmp tar's bytes, which the rename keeps unchanged).
         write_dali_index(self._tmp, self.path.with_suffix(".idx"))
         os.replace(self._tmp, self.path)
         _fsync_dir(self.path.parent)
         self.info = ShardInfo(self.path.name, len(self.keys), self.path.stat().st_size,
-                              digest.hexdigest(), list(self.keys))
+                              sha256, list(self.keys))
         return self.info
 
     def abort(self) -> None:
@@ -136,14 +132,6 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_dali_index(idx_path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
