@@ -118,13 +118,17 @@ def _read_csv(path: Path, where: str, ontology: Ontology) -> dict[str, tuple[str
     return out
 
 
+def _check_entry(entry, allowed: set, where: str, expected: str) -> None:
+    if not isinstance(entry, dict):
+        raise MappingError(f"{where}: expected {expected}, got {entry!r}")
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise MappingError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {sorted(allowed)}")
+
+
 def _load_source(entry, i: int, mapping: Path, ontology: Ontology) -> Source:
     where = f"{mapping}: sources[{i}]"
-    if not isinstance(entry, dict):
-        raise MappingError(f"{where}: expected a mapping with name/root/labels, got {entry!r}")
-    unknown = sorted(set(entry) - SOURCE_KEYS)
-    if unknown:
-        raise MappingError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {sorted(SOURCE_KEYS)}")
+    _check_entry(entry, SOURCE_KEYS, where, "a mapping with name/root/labels")
     for key in ("name", "root"):
         if not isinstance(entry.get(key), str) or not entry[key].strip():
             raise MappingError(f"{where}: '{key}' must be a non-empty string, got {entry.get(key)!r}")
@@ -146,11 +150,7 @@ def _load_source(entry, i: int, mapping: Path, ontology: Ontology) -> Source:
         raise MappingError(f"{where}: rules must be a list of {{glob, labels}}, got {raw_rules!r}")
     for j, rule in enumerate(raw_rules):
         rwhere = f"{where} rules[{j}]"
-        if not isinstance(rule, dict):
-            raise MappingError(f"{rwhere}: expected {{glob, labels}}, got {rule!r}")
-        bad = sorted(set(rule) - RULE_KEYS)
-        if bad:
-            raise MappingError(f"{rwhere}: unknown key(s) {', '.join(map(repr, bad))}; allowed: {sorted(RULE_KEYS)}")
+        _check_entry(rule, RULE_KEYS, rwhere, "{glob, labels}")
         if not isinstance(rule.get("glob"), str) or not rule["glob"]:
             raise MappingError(f"{rwhere}: 'glob' must be a non-empty string, got {rule.get('glob')!r}")
         if "labels" not in rule:
