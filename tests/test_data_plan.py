@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from data_fixtures import truncate_file, write_shards
-from echocare_dist.data.shards import (DataLoaderError, Quarantine, ShardError, ShardIndex, ShardSet, TarReader,
+from echocare_dist.data.quarantine import Quarantine
+from echocare_dist.data.shards import (DataLoaderError, ShardError, ShardIndex, ShardSet, TarReader,
                                        buffer_shuffle, make_plan)
 
 COUNTS = (13, 11, 9, 8, 1)  # 42 samples, uneven shards

@@ -21,7 +21,8 @@ import torch
 
 from .augment import AugmentParams, apply_jitter
 from .masking import MaskGenerator
-from .shards import DataLoaderError, EpochPlan, Quarantine, ShardSet, make_plan
+from .quarantine import Quarantine
+from .shards import DataLoaderError, EpochPlan, ShardSet, make_plan
 
 log = logging.getLogger("echocare_dist.data")
 
@@ -262,8 +263,8 @@ def build_loader(cfg, ontology, *, rank: int, world_size: int, device, run_dir: 
         from .dali_loader import DaliLoader
         loader = DaliLoader(cfg, ontology, rank=rank, world_size=world_size, device=device, run_dir=run_dir)
     else:
-        from .wds_loader import WdsLoader
-        loader = WdsLoader(cfg, ontology, rank=rank, world_size=world_size, device=device, run_dir=run_dir)
+        from .pil_loader import PilLoader
+        loader = PilLoader(cfg, ontology, rank=rank, world_size=world_size, device=device, run_dir=run_dir)
     log.info("rank %d/%d: %s loader over %d shards (%d samples, %d quarantined), %d steps per epoch of "
              "micro-batch %d", rank, world_size, loader.describe(), len(loader.shard_set.shards),
              loader.plan.total, len(loader.quarantined), loader.steps_per_epoch, loader.micro_batch)

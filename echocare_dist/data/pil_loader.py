@@ -132,7 +132,7 @@ class EpochStreams(IterableDataset):
             reader.close()
 
 
-class WdsLoader(PretrainLoader):
+class PilLoader(PretrainLoader):
     kind = "wds"
 
     def __init__(self, cfg, ontology, *, rank, world_size, device, run_dir):
