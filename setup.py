@@ -5,7 +5,7 @@ applied by scripts/install.sh.
 """
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 
@@ -18,16 +18,8 @@ setup(
     python_requires=">=3.10",
     # The Triton kernels live in the top-level kernels/ folder but install under our namespace:
     # a top-level `kernels` import name is taken by an unrelated PyPI package.
-    packages=[
-        "echocare_dist",
-        "echocare_dist.curation",
-        "echocare_dist.synth",
-        "echocare_dist.data",
-        "echocare_dist.models",
-        "echocare_dist.train",
-        "echocare_dist.finetune",
-        "echocare_dist.kernels",
-    ],
+    # Every sub-package is found, so a new one cannot be left out of a wheel install.
+    packages=find_packages(include=["echocare_dist", "echocare_dist.*"]) + ["echocare_dist.kernels"],
     package_dir={"echocare_dist.kernels": "kernels"},
     include_package_data=True,
     install_requires=[

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from echocare_dist.atomic import atomic_write_json  # noqa: E402
 from echocare_dist.config import load_config  # noqa: E402
 from echocare_dist.data import build_loader, dali_available  # noqa: E402
+from echocare_dist.data.registry import loader_kind  # noqa: E402
 from echocare_dist.data.testing import write_shards  # noqa: E402
 from echocare_dist.ontology import load_ontology  # noqa: E402
 
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=256, help="output side (model.img_size)")
     ap.add_argument("--warmup", type=int, default=3, help="batches not timed")
     ap.add_argument("--hw-loads", default="0,0.25,0.5,0.65,0.75,0.9,1.0", help="GPU sweep of data.hw_decoder_load")
-    ap.add_argument("--loaders", default="dali,wds")
+    ap.add_argument("--loaders", default="dali,pil", help="comma-separated data.loader kinds")
     ap.add_argument("--shards", default="", help="existing shard dir (default: write a temporary one)")
     ap.add_argument("--json", default="", help="also write the results here")
     args = ap.parse_args(argv)
@@ -115,13 +116,13 @@ def main(argv=None) -> int:
     gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     runs = []  # (label, loader, decode device, hw load, overrides)
-    wanted = args.loaders.split(",")
+    wanted = {loader_kind(k) for k in args.loaders.split(",")}
     if "dali" in wanted and dali_available():
         runs.append(("DALI", "dali", "cpu", None))
         if gpu:
             runs += [("DALI", "dali", "gpu", float(x)) for x in args.hw_loads.split(",")]
-    if "wds" in wanted:
-        runs.append(("fallback (PIL)", "wds", "cpu", None))
+    if "pil" in wanted:
+        runs.append(("fallback (PIL)", "pil", "cpu", None))
 
     rows = []
     for label, kind, dev, load in runs:

@@ -62,8 +62,8 @@ def main() -> None:
                 dt = time.perf_counter() - t
                 best = dt if best is None else min(best, dt)
                 shutil.rmtree(out)
-            frames = m["staged_samples"] + m["rejected"]["too_few_pixels"]["count"]
-            rows.append((workers, m["files"], frames, m["num_samples"], best, frames / best, m["num_samples"] / best))
+            frames = m.staged_samples + m.rejected["too_few_pixels"]["count"]
+            rows.append((workers, m.files, frames, m.num_samples, best, frames / best, m.num_samples / best))
         print(f"\nshard build, config {args.config}, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
         print(f"hardware: {hardware()}; load average before/after: {load_before} / "
               f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (other jobs share these cores)")

@@ -1,94 +1,57 @@
-"""Train-step benchmark: images/s, MFU and peak memory per rank for Swin-T/B/L x patch 4/2 x ZeRO 0-3.
+"""Train-step benchmark: the real pretraining step on N local ranks, fed by real shards.
 
-One process (world size 1) drives a real `deepspeed.initialize` engine per configuration on
-synthetic tensors already on the device, so the figures measure model + DeepSpeed, not data.
-MFU = flops_per_image(...)["train"] (3 x analytic forward, recomputation not counted) x images/s
-/ device peak (bf16 dense: H100/H200 989, A100 312 TFLOP/s; CPU and unknown devices: a measured
-matmul peak in the benchmark's precision).
+Each configuration (preset x ZeRO stage) runs as its own group of ranks, started by
+torch.distributed.run (gloo on CPU, NCCL on GPUs) on this script's worker mode. Every rank builds
+the trainer's own components (echocare_dist.train.step.build_components: DeepSpeed engine, client
+AdamW and schedule, fused losses, the loader over shards written by
+echocare_dist.data.testing.write_shards) and times `train_step`, the function the training loop
+calls. Figures: global images/s, step time, data wait per step (mean and max over ranks),
+MFU = 3 x analytic forward FLOPs x images/s per device / peak (echocare_dist.hardware: the dense
+spec table on known GPUs, else a measured matmul rate), peak memory of the busiest rank.
 
-    python benchmarks/train_step.py                      # CPU: batch 1, skips Swin-B/L at patch 2
-    python benchmarks/train_step.py --all                # everything
-    python benchmarks/train_step.py --archs L --patches 4 --zero 2 --batch 32   # H100 target row
-    python benchmarks/train_step.py --base-config tiny_cpu --archs preset --zero 0 3   # smoke test
+    python benchmarks/train_step.py                                   # tiny_cpu, 2 CPU ranks, ZeRO-2
+    python benchmarks/train_step.py --zero 0 1 2 3 --nproc 4
+    python benchmarks/train_step.py --presets echocare_swin_l_p4 echocare_swin_b --nproc 1   # CPU: batch 1
+    python benchmarks/train_step.py --presets echocare_swin_l --nproc 8 --set train.precision=bf16  # a GPU node
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import ctypes
-import dataclasses
 import datetime
 import gc
+import json
 import logging
 import os
-import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 
-from hardware import describe  # benchmarks/hardware.py (the script's folder is on sys.path)
+from hardware import REPO, describe  # benchmarks/hardware.py (the script's folder is on sys.path)
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "echocare" / "torch_extensions"))
 
 import torch  # noqa: E402
 
 from echocare_dist.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from echocare_dist.config import load_config  # noqa: E402
-from echocare_dist.models import build_model, flops_per_image, param_groups  # noqa: E402
+from echocare_dist.models import flops_per_image  # noqa: E402
 from echocare_dist.ontology import load_ontology  # noqa: E402
 
-ARCHS = {"T": "swin_tiny_patch4_window7_224", "B": "swin_base_patch4_window7_224",
-         "L": "swin_large_patch4_window7_224", "preset": None}
-
-# Dense (no sparsity) tensor-core peaks in FLOP/s; first matching substring of the device name wins.
-GPU_PEAKS_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-                  ("GH200", 989e12), ("A100", 312e12)]
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRESETS = ("tiny_cpu", "echocare_swin_b", "echocare_swin_l_p4", "echocare_swin_l")
+CPU_MAX_STEP_GFLOP = 50.0   # default CPU micro-batch: the largest whose train step stays under this
 
 
-# ------------------------------------------------------------------------------- hardware
-def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
-    """Best square-matmul rate over a couple of seconds: the fastest run is the one least disturbed
-    by other work on the machine."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < deadline or best == float("inf"):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
-
-def device_peak(device: torch.device, precision: str) -> tuple[float, str]:
-    """Peak FLOP/s for MFU: the spec sheet for known GPUs in bf16, else a measurement."""
-    if device.type == "cuda" and precision == "bf16":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAKS_BF16:
-            if key in name:
-                return peak, f"{key} bf16 dense spec"
-    return measured_matmul_peak(device, DTYPES[precision]), f"measured {precision} matmul"
-
-
-def hardware_line(device: torch.device) -> str:
-    return f"{describe()}, {torch.get_num_threads()} torch threads"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
+# ------------------------------------------------------------------------------- memory
 class PeakMemory:
-    """Peak memory of this rank during a configuration. CUDA: the allocator's peak. CPU: resident
-    set size sampled every 5 ms, minus the RSS at the start (freed heap is trimmed back first)."""
+    """Peak memory of this rank while its components exist. CUDA: the allocator's peak. CPU:
+    resident set size sampled every 5 ms, minus the RSS at the start (freed heap trimmed first)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -129,219 +92,193 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-# ------------------------------------------------------------------------------- losses
-def make_loss_fn(ontology, patch_size: int, device: torch.device):
-    """The project's losses when echocare_dist.kernels provides them, else a plain masked L1 + BCE."""
-    try:
-        from echocare_dist.kernels import hierarchical_minmax_loss, masked_l1_loss
-    except ImportError:
-        hierarchical_minmax_loss = masked_l1_loss = None
-    if masked_l1_loss is not None:
-        anc = torch.tensor(ontology.ancestor_table, device=device)  # copies: the tables are read-only
-        desc = torch.tensor(ontology.descendant_table, device=device)
+# ------------------------------------------------------------------------------- one rank
+def worker(args) -> int:
+    """One rank of one configuration: components, warmup, timed steps; rank 0 writes the row."""
+    from echocare_dist import hardware
+    from echocare_dist.data import resolve_loader_kind
+    from echocare_dist.train import distributed
+    from echocare_dist.train.step import build_components, train_step
 
-        def loss_fn(out, target, mask, labels):
-            return (masked_l1_loss(out["recon"], target, mask, patch_size, "auto")
-                    + hierarchical_minmax_loss(out["logits"], labels, anc, desc, "auto"))
-        return loss_fn, "kernels"
-
-    def fallback(out, target, mask, labels):
-        w = mask.to(out["recon"].dtype).repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
-        mim = ((out["recon"] - target).abs() * w.unsqueeze(1)).sum() / w.sum().clamp(min=1)
-        known = labels >= 0
-        hie = torch.nn.functional.binary_cross_entropy_with_logits(
-            out["logits"][known], labels[known].to(out["logits"].dtype))
-        return mim + hie
-    return fallback, "fallback L1+BCE"
-
-
-# ------------------------------------------------------------------------------- one config
-def ds_config(batch: int, zero_stage: int, precision: str, grad_clip: float) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": batch,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": grad_clip,
-        "steps_per_print": 10 ** 9,
-        "zero_optimization": {"stage": zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
-        "wall_clock_breakdown": False,
-    }
-
-
-def run_config(cfg, arch_label, zero_stage, args, device, ontology) -> dict:
-    import deepspeed
-
-    model_cfg = cfg.model
-    flops = flops_per_image(model_cfg, ontology.num_nodes)
-    row = dict(arch=arch_label, patch=model_cfg.patch_size, zero=zero_stage, batch=args.batch,
-               ckpt=model_cfg.grad_checkpointing, gflop_fwd=flops["forward"] / 1e9)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    for name in ("echocare_dist", "DeepSpeed"):  # setup chatter would bury the table
+        logging.getLogger(name).setLevel(logging.WARNING)
+    cfg = load_config(args.preset, args.overrides)
+    env = distributed.init_distributed(cfg.train.dist_timeout_s)
+    device = env.device
     with PeakMemory(device) as mem:
-        torch.manual_seed(0)
-        model = build_model(model_cfg, ontology.num_nodes).to(device)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                          config=ds_config(args.batch, zero_stage, args.precision,
-                                                           cfg.optim.grad_clip))
-        loss_fn, loss_name = make_loss_fn(ontology, model_cfg.patch_size, device)
-        batch = synthetic_batch(model_cfg, args.batch, ontology, device, DTYPES[args.precision])
-        for step in range(args.warmup + args.steps):
-            if step == args.warmup:
-                sync(device)
-                start = time.perf_counter()
-            out = engine(batch["input"], batch["mask"])
-            loss = loss_fn(out, batch["target"], batch["mask"], batch["labels"])
-            engine.backward(loss)
-            engine.step()
-        sync(device)
-        elapsed = time.perf_counter() - start
-        if not torch.isfinite(loss.detach()).item():
-            raise RuntimeError(f"non-finite loss {loss.item()} in {row}")
-        engine.destroy()
-        del engine, model, optimizer, out, loss, batch
-    images_per_s = args.batch * args.steps / elapsed
-    row.update(images_per_s=images_per_s, step_s=elapsed / args.steps,
-               tflops=flops["train"] * images_per_s / 1e12, peak_gib=mem.bytes / 2 ** 30, loss=loss_name)
-    return row
+        c = build_components(cfg, env, run_dir=cfg.resolve_path(cfg.train.run_dir))
+        for _ in range(args.warmup):
+            train_step(c)
+        _sync(device)
+        distributed.barrier()
+        t0 = time.perf_counter()
+        wait = 0.0
+        for _ in range(args.steps):
+            result = train_step(c)
+            wait += result.data_wait_s
+        loss = float(result.loss.item())  # also waits for the device
+        elapsed = time.perf_counter() - t0
+    peak, source = c.peak_tflops, c.peak_source
+    if source.startswith("measured"):
+        # Measured again after the run and the better kept: a busy machine only ever lowers it.
+        peak = max(peak, hardware.peak_tflops(device, cfg.train.precision)[0])
+    (wait_sum,), (wait_max, elapsed_max, mem_max, peak_max) = distributed.reduce_stats(
+        [wait], [wait, elapsed, float(mem.bytes), peak], device)
+    if not torch.isfinite(torch.tensor(loss)):
+        raise RuntimeError(f"non-finite loss {loss} in {args.preset} ZeRO-{cfg.train.zero_stage}")
+    if env.is_main:
+        images_per_s = c.global_batch * args.steps / elapsed_max
+        tflops = c.flops["train"] * images_per_s / env.world_size / 1e12
+        m = cfg.model
+        atomic_write_json(args.result, dict(
+            preset=args.preset, arch=m.arch.split("_")[1], patch=m.patch_size, img=m.img_size,
+            ranks=env.world_size, zero=cfg.train.zero_stage, batch=cfg.train.micro_batch,
+            accum=cfg.train.grad_accum, precision=cfg.train.precision, loader=resolve_loader_kind(cfg, device),
+            gflop_fwd=c.flops["forward"] / 1e9, images_per_s=images_per_s, step_s=elapsed_max / args.steps,
+            data_wait_s=wait_sum / env.world_size / args.steps, data_wait_max_s=wait_max / args.steps,
+            tflops=tflops, peak_tflops=peak_max, peak_source=source, mfu=tflops / peak_max,
+            peak_gib=mem_max / 2 ** 30, loss=loss, threads=torch.get_num_threads(), device=str(device)))
+    c.loader.close()
+    c.engine.destroy()
+    distributed.barrier()
+    distributed.shutdown()
+    return 0
 
 
-def synthetic_batch(model_cfg, batch: int, ontology, device, dtype) -> dict:
-    g = torch.Generator().manual_seed(0)
-    size, grid = model_cfg.img_size, model_cfg.img_size // model_cfg.patch_size
-    target = torch.rand(batch, model_cfg.in_chans, size, size, generator=g)
-    mask = (torch.rand(batch, grid, grid, generator=g) < 0.5).to(torch.uint8)
-    names = [[ontology.names[int(torch.randint(ontology.num_nodes, (1,), generator=g))]] for _ in range(batch)]
-    labels = torch.as_tensor(ontology.label_matrix(names))
-    return dict(input=((target - 0.5) / 0.5).to(device, dtype), target=target.to(device),
-                mask=mask.to(device), labels=labels.to(device))
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------- driver
-def init_single_process(device: torch.device) -> None:
-    import deepspeed
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)  # one INFO block per engine would bury the table
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-
-    if torch.distributed.is_initialized():
-        return
-    with socket.socket() as s:  # a free port, so two benchmarks on one host never collide
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+def default_batch(cfg, gpu: bool, num_nodes: int) -> int:
+    """The preset's micro-batch on a GPU; on a CPU the largest one under CPU_MAX_STEP_GFLOP."""
+    if gpu:
+        return cfg.train.micro_batch
+    step_gflop = flops_per_image(cfg.model, num_nodes)["train"] / 1e9
+    return max(1, min(cfg.train.micro_batch, int(CPU_MAX_STEP_GFLOP // step_gflop)))
 
 
-def plan(args, device) -> tuple[list[tuple[str, int, int]], list[str]]:
-    """(arch, patch, zero) to run, and the (arch, patch) skipped as too slow for a CPU."""
-    runs, skipped = [], []
-    for arch in args.archs:
-        for patch in args.patches:
-            cfg = config_for(args, arch, patch)
-            step_gflop = args.batch * flops_per_image(cfg.model, 1)["train"] / 1e9
-            if device.type == "cpu" and not args.all and step_gflop > args.cpu_max_gflop:
-                skipped.append(f"{arch} p{patch} ({step_gflop:.0f} GFLOP/step)")
-                continue
-            runs += [(arch, patch, z) for z in args.zero]
-    return runs, skipped
+def write_benchmark_shards(root: Path, cfg, ontology, samples: int) -> None:
+    """B-mode-like images a little larger than the model input (the loader crops and resizes them)."""
+    from echocare_dist.data.testing import write_shards
+
+    side = cfg.model.img_size
+    per_shard = max(1, -(-samples // 4))
+    write_shards(root, ontology, counts=(per_shard,) * 4, size=(side * 5 // 4, side), pattern="ultrasound",
+                 distinct_images=min(64, samples))
 
 
-def config_for(args, arch: str, patch: int):
-    overrides = [f"model.patch_size={patch}"] + ([f"model.arch={ARCHS[arch]}"] if ARCHS[arch] else [])
-    cfg = load_config(args.base_config, overrides)
-    ckpt = {"on": True, "off": False}.get(args.grad_ckpt, patch == 2)  # auto: on for patch 2 (paper preset)
-    cfg.model = dataclasses.replace(cfg.model, grad_checkpointing=ckpt)
-    return cfg
+def run_config(args, preset: str, zero: int, shards: Path, work: Path, batch: int) -> dict:
+    tag = f"{preset}_zero{zero}"
+    result, log = work / f"{tag}.json", work / f"{tag}.log"
+    overrides = [f"data.shards={shards}", f"train.run_dir={work / tag}", f"train.zero_stage={zero}",
+                 f"train.micro_batch={batch}", f"train.steps={args.warmup + args.steps}",
+                 "train.resume=none", "tracking.enabled=false", *args.overrides]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "--max_restarts=0", str(Path(__file__).resolve()), "--worker", "--preset", preset,
+           "--result", str(result), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += [a for o in overrides for a in ("--set", o)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    with open(log, "wb") as fh:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or not result.exists():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+        raise RuntimeError(f"{tag}: the ranks exited with {rc} (log {log}):\n{tail}")
+    return json.loads(result.read_text())
+
+
+COLUMNS = [("preset", "{}"), ("arch", "{}"), ("patch", "{}"), ("ranks", "{}"), ("zero", "{}"),
+           ("batch", "{}"), ("accum", "{}"), ("precision", "{}"), ("gflop_fwd", "{:.4g}"),
+           ("images_per_s", "{:.2f}"), ("step_s", "{:.3f}"), ("data_wait_s", "{:.4f}"),
+           ("data_wait_max_s", "{:.4f}"), ("tflops", "{:.3g}"), ("mfu", "{:.2%}"), ("peak_gib", "{:.2f}")]
 
 
 def format_table(rows: list[dict], header: str) -> str:
-    cols = [("arch", "{}"), ("patch", "{}"), ("zero", "{}"), ("batch", "{}"), ("ckpt", "{}"),
-            ("gflop_fwd", "{:.4g}"), ("images_per_s", "{:.2f}"), ("step_s", "{:.3f}"), ("tflops", "{:.3g}"), ("mfu", "{:.1%}"),
-            ("peak_gib", "{:.2f}")]
-    lines = [header, "", "| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines = [header, "", "| " + " | ".join(c for c, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        lines.append("| " + " | ".join(fmt.format(r[c]) for c, fmt in cols) + " |")
+        lines.append("| " + " | ".join(fmt.format(r[c]) for c, fmt in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def header_for(args, rows: list[dict]) -> str:
+    first = rows[0]
+    peaks = sorted({f"{r['peak_tflops']:.3g} TFLOP/s ({r['peak_source']})" for r in rows})
+    return (f"# train step benchmark (echocare_dist.train.step: build_components + train_step), "
+            f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n"
+            f"hardware: {describe()}\n"
+            f"ranks: {args.nproc} x {first['device']} (torch.distributed.run), {first['threads']} torch "
+            f"threads each; loader {first['loader']} over write_shards 'ultrasound' JPEGs; peak per device: "
+            f"{'; '.join(peaks)}\n"
+            f"torch {torch.__version__}, deepspeed {version('deepspeed')}; {args.warmup} warmup + "
+            f"{args.steps} timed steps; extra overrides: {' '.join(args.overrides) or '-'}\n"
+            f"images_per_s is global; data_wait = loader wait per step (mean over ranks, max); "
+            f"MFU = 3 x analytic forward FLOPs (1 multiply-add = 2 FLOPs) x images/s per device / peak; "
+            f"peak_gib = {'torch.cuda.max_memory_allocated' if 'cuda' in first['device'] else 'sampled RSS increase'}"
+            f" of the busiest rank")
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base-config", default="echocare_swin_l",
-                    help="preset giving image size, window, decoder, optimizer (default: the paper's)")
-    ap.add_argument("--archs", nargs="+", default=["T", "B", "L"], choices=sorted(ARCHS))
-    ap.add_argument("--patches", nargs="+", type=int, default=[4, 2])
-    ap.add_argument("--zero", nargs="+", type=int, default=[0, 1, 2, 3], choices=[0, 1, 2, 3])
-    ap.add_argument("--batch", type=int, default=None, help="micro batch per rank (default: 32 GPU, 1 CPU)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 GPU, 1 CPU)")
+    ap.add_argument("--presets", nargs="+", default=["tiny_cpu"], choices=PRESETS)
+    ap.add_argument("--zero", nargs="+", type=int, default=[2], choices=[0, 1, 2, 3])
+    ap.add_argument("--nproc", type=int, default=2, help="local ranks per configuration (default: 2)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help=f"micro-batch per rank (default: the preset's on GPUs; on a CPU the largest whose "
+                         f"train step stays under {CPU_MAX_STEP_GFLOP:g} GFLOP, i.e. 1 for Swin-B/L)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 GPU, 3 CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 GPU, 1 CPU)")
-    ap.add_argument("--precision", choices=sorted(DTYPES), default=None, help="default: bf16 GPU, fp32 CPU")
-    ap.add_argument("--grad-ckpt", choices=["auto", "on", "off"], default="auto",
-                    help="gradient checkpointing; auto = on at patch 2 (as the paper preset)")
-    ap.add_argument("--all", action="store_true", help="on CPU, also run the models over --cpu-max-gflop")
-    ap.add_argument("--cpu-max-gflop", type=float, default=400.0,
-                    help="on CPU, skip models whose train step exceeds this many GFLOP (Swin-B/L at "
-                         "patch 2: minutes per step on a few cores) unless --all")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every configuration, e.g. train.precision=bf16")
+    ap.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu: hide the GPUs from the ranks")
     ap.add_argument("--out", default="", help="also write the table (.md) and rows (.json) here, atomically")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--preset", help=argparse.SUPPRESS)
+    ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if (args.batch is not None and args.batch < 1) or (args.steps is not None and args.steps < 1):
-        ap.error("--batch and --steps must be >= 1")
+    for name in ("nproc", "batch", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            ap.error(f"--{name} must be >= 1, got {value}")
+    if args.warmup is not None and args.warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {args.warmup}")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    gpu = device.type == "cuda"
-    args.batch = args.batch or (32 if gpu else 1)
-    args.steps = args.steps or (10 if gpu else 1)
+    if args.worker:
+        return worker(args)
+    gpu = args.device == "auto" and torch.cuda.is_available()
+    args.steps = args.steps or (10 if gpu else 3)
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
-    args.precision = args.precision or ("bf16" if gpu else "fp32")
-    if gpu:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    init_single_process(device)
-    base = load_config(args.base_config)
-    ontology = load_ontology(base.resolve_path(base.ontology.path))
-    peak_flops, peak_source = device_peak(device, args.precision)
-    runs, skipped = plan(args, device)
-    print(f"{len(runs)} configurations on {hardware_line(device)}"
-          + (f"; skipped on CPU (use --all): {', '.join(skipped)}" if skipped else ""), flush=True)
-
+    print(f"{len(args.presets) * len(args.zero)} configurations x {args.nproc} ranks on {describe()}", flush=True)
     rows = []
-    for arch, patch, zero in runs:
-        row = run_config(config_for(args, arch, patch), arch, zero, args, device, ontology)
-        rows.append(row)
-        print(f"  {arch} p{patch} zero{zero}: {row['images_per_s']:.2f} img/s, {row['tflops']:.3g} TFLOP/s, "
-              f"peak {row['peak_gib']:.2f} GiB ({row['loss']})", flush=True)
-    if peak_source.startswith("measured"):
-        # Measured again at the end and the better kept: a busy machine only ever lowers the figure.
-        peak_flops = max(peak_flops, device_peak(device, args.precision)[0])
-    for row in rows:
-        row["mfu"] = row["tflops"] * 1e12 / peak_flops
-
-    import deepspeed
-    header = (f"# train step benchmark, {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n"
-              f"hardware: {hardware_line(device)}; peak {peak_flops / 1e12:.3g} TFLOP/s ({peak_source})\n"
-              f"torch {torch.__version__}, deepspeed {deepspeed.__version__}; world size 1; "
-              f"{args.precision}; img {base.model.img_size}; base config {args.base_config}; "
-              f"{args.warmup} warmup + {args.steps} timed steps; losses: {rows[0]['loss'] if rows else '-'}\n"
-              f"MFU = 3 x analytic forward FLOPs (1 multiply-add = 2 FLOPs) x images/s / peak; "
-              f"peak mem = {'torch.cuda.max_memory_allocated' if gpu else 'sampled RSS increase'} per rank")
-    if skipped:
-        header += f"\nskipped on CPU (use --all): {', '.join(skipped)}"
-    table = format_table(rows, header)
+    with tempfile.TemporaryDirectory(prefix="echocare-train-step-") as tmp:
+        work = Path(tmp)
+        for preset in args.presets:
+            cfg = load_config(preset, args.overrides)
+            ontology = load_ontology(cfg.resolve_path(cfg.ontology.path))
+            batch = args.batch or default_batch(cfg, gpu, len(ontology))
+            # Enough samples that the timed steps stay inside the first epoch (no reader restart).
+            samples = args.nproc * batch * cfg.train.grad_accum * (args.warmup + args.steps + 1)
+            shards = work / f"shards_{preset}"
+            write_benchmark_shards(shards, cfg, ontology, samples)
+            for zero in args.zero:
+                row = run_config(args, preset, zero, shards, work, batch)
+                rows.append(row)
+                print(f"  {preset} ZeRO-{zero}: {row['images_per_s']:.2f} img/s, MFU {row['mfu']:.2%}, "
+                      f"data wait {row['data_wait_s']:.4f} s/step, peak {row['peak_gib']:.2f} GiB", flush=True)
+    table = format_table(rows, header_for(args, rows))
     print("\n" + table, flush=True)
     if args.out:
         out = Path(args.out)
         atomic_write_text(out.with_suffix(".md"), table + "\n")
-        atomic_write_json(out.with_suffix(".json"), dict(header=header, rows=rows))
+        atomic_write_json(out.with_suffix(".json"), dict(header=table.split("\n\n")[0], rows=rows))
     return 0
 
 

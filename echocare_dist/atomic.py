@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -29,12 +29,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def create_temp(target: str | os.PathLike, suffix: str = ".tmp") -> tuple[int, Path]:
+    """An exclusive new file beside `target`, created with mode 0666 so the umask decides.
+
+    `tempfile.mkstemp` creates 0600 whatever the umask: shards, manifests and exports written that
+    way cannot be read by another user's training job or by a container running as another UID."""
+    target = Path(target)
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {target}")
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file next to `path`; on clean exit it replaces `path` atomically."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = create_temp(target)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh

@@ -1,8 +1,9 @@
 """`echocare` console entry point.
 
 Each subcommand lives with its component and registers itself through a `register(sub)`
-function; this module only wires them together. Heavy imports (torch, DALI, DeepSpeed) stay
-inside the command functions so `echocare --help` is instant.
+function; this module only wires them together. The arguments they share (--config, --set,
+--resume) come from `cli_args`. Heavy imports (torch, DALI, DeepSpeed) stay inside the command
+functions so `echocare --help` is instant.
 """
 from __future__ import annotations
 
@@ -20,18 +21,6 @@ COMMANDS = {
     "finetune": "echocare_dist.finetune.cli",
     "demo": "echocare_dist.demo",
 }
-
-
-def add_config_args(parser: argparse.ArgumentParser, default: str | None = "tiny_cpu") -> None:
-    parser.add_argument("--config", "-c", default=default,
-                        help="preset name in configs/ or a YAML path (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.steps=100 (repeatable)")
-
-
-def config_from_args(args):
-    from .config import load_config
-    return load_config(args.config, args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,9 +5,10 @@ import sys
 
 import yaml
 
+from .cli_args import add_config_args, config_from_args
+
 
 def _show(args) -> int:
-    from .cli import config_from_args
     cfg = config_from_args(args)
     yaml.safe_dump(cfg.to_dict(), sys.stdout, sort_keys=False)
     return 0
@@ -16,7 +17,6 @@ def _show(args) -> int:
 def _ontology(args) -> int:
     from collections import Counter
 
-    from .cli import config_from_args
     from .ontology import load_ontology
     cfg = config_from_args(args)
     onto = load_ontology(cfg.resolve_path(cfg.ontology.path))
@@ -34,7 +34,6 @@ def _ontology(args) -> int:
 
 
 def register(sub) -> None:
-    from .cli import add_config_args
     p = sub.add_parser("config", help="show the resolved config or the ontology")
     csub = p.add_subparsers(dest="config_command", required=True)
     show = csub.add_parser("show", help="print the resolved config (after --set overrides) and validate it")

@@ -98,10 +98,11 @@ def run_demo(args) -> int:
 
 def _summary(out: Path, times: dict, shards: Path, run_dir: Path | None = None, export: Path | None = None,
              finetune: list[Path] | None = None) -> int:
-    manifest = json.loads((shards / "manifest.json").read_text())
-    rejected = {k: v["count"] for k, v in manifest.get("rejected", {}).items()}
+    from .shardfmt import Manifest
+    manifest = Manifest.read(shards)
+    rejected = {k: v["count"] for k, v in manifest.rejected.items()}
     lines = ["", "=" * 72, "echocare demo: what was produced", "=" * 72,
-             f"shards      {shards}  ({manifest['num_samples']} samples in {len(manifest['shards'])} tars; "
+             f"shards      {shards}  ({manifest.num_samples} samples in {len(manifest.shards)} tars; "
              f"rejected {rejected})",
              f"contact     {out / 'contact_sheet.png'}"]
     if run_dir is not None:
@@ -134,7 +135,7 @@ def _summary(out: Path, times: dict, shards: Path, run_dir: Path | None = None, 
 
 
 def register(sub) -> None:
-    from .cli import add_config_args
+    from .cli_args import add_config_args
     p = sub.add_parser("demo", help="run the whole chain on synthetic data (the README's main job)",
                        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     add_config_args(p)

@@ -305,11 +305,6 @@ class Ontology:
                 out.append(self.names[v])
         return out
 
-    def coherent_probs(self, logits: np.ndarray) -> np.ndarray:
-        """q_v = max over D*(v) of sigmoid(z_u): never a child above its parent (numpy reference)."""
-        p = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
-        return np.where(self.descendants_dense[None], p[:, None, :], -np.inf).max(-1)
-
 
 def load_ontology(path: str | Path) -> Ontology:
     return Ontology.from_yaml(path)

@@ -47,7 +47,8 @@ class Shape:
 
 def preset_shapes() -> list[Shape]:
     """One Shape per preset."""
-    from echocare_dist.config import CONFIG_DIR, REPO_ROOT, load_config
+    from echocare_dist.config import load_config
+    from echocare_dist.paths import CONFIG_DIR, REPO_ROOT
     from echocare_dist.ontology import load_ontology
 
     shapes = []

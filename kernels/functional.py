@@ -13,13 +13,16 @@ from .tables import index_table
 IMPLS = ("auto", "triton", "torch")
 
 try:  # Triton is optional: without it (or without a GPU) everything runs on the reference.
-    from .hierarchical import coherent_probs_triton, hierarchical_minmax_loss_triton
-    from .masked_l1 import masked_l1_loss_triton
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
     TRITON_IMPORT_ERROR: str | None = None
 except Exception as exc:  # noqa: BLE001 - a broken Triton install must not break CPU training
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 HAS_TRITON = TRITON_IMPORT_ERROR is None
+if HAS_TRITON:  # our kernel modules import plainly: a fault in them is ours and must surface
+    from .hierarchical import coherent_probs_triton, hierarchical_minmax_loss_triton
+    from .masked_l1 import masked_l1_loss_triton
 
 
 def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
@@ -106,7 +109,8 @@ def hierarchical_minmax_loss(logits: torch.Tensor, labels: torch.Tensor, ancesto
 
 def coherent_probs(logits: torch.Tensor, descendant_table, impl: str = "auto") -> torch.Tensor:
     """Hierarchy-coherent probabilities q_v = max over D*(v) of sigmoid(z_u), (B, C) float32:
-    thresholding q at any t never keeps a child above its parent. No gradient."""
+    thresholding q at any t never keeps a child above its parent. No gradient. The product's
+    predicted anatomy (`EchoCareMIM.predict_anatomy`) is this op over the head's logits."""
     desc = index_table(descendant_table, logits.device, "descendant_table")
     _check_logits(logits, (("descendant_table", desc),))
     if use_triton(impl, logits):

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .functional import IMPLS, coherent_probs, hierarchical_minmax_loss, masked_l1_loss
+from .functional import IMPLS, hierarchical_minmax_loss, masked_l1_loss
 
 
 def _check_impl(impl: str) -> str:
@@ -30,7 +30,7 @@ class MaskedL1Loss(nn.Module):
 
 
 class HierarchicalMinMaxLoss(nn.Module):
-    """forward(logits, labels) -> float32 scalar L_HIE (SPEC 3.2); coherent_probs(logits) -> q.
+    """forward(logits, labels) -> float32 scalar L_HIE (SPEC 3.2).
 
     The closure tables are non-persistent buffers: they follow .to(device) but stay out of
     checkpoints (they are derived from the ontology, whose hash the checkpoint records)."""
@@ -49,9 +49,6 @@ class HierarchicalMinMaxLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return hierarchical_minmax_loss(logits, labels, self.ancestor_table, self.descendant_table, self.impl)
-
-    def coherent_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return coherent_probs(logits, self.descendant_table, self.impl)
 
     def extra_repr(self) -> str:
         return f"num_nodes={self.ancestor_table.shape[0]}, impl={self.impl!r}"

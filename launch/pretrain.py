@@ -10,9 +10,10 @@ Ranks come from the launcher's environment (RANK/WORLD_SIZE/LOCAL_RANK, or SLURM
 `--resume auto` (the default, train.resume) continues from run_dir/checkpoints/latest.
 
 Exit codes: 0 = reached train.steps; 124 (train.requeue_exit_code) = preempted by SIGTERM/SIGUSR1
-after writing a complete checkpoint, requeue the job; 2 = bad config or incompatible checkpoint;
-anything else = crash. (torchrun reports a failed rank as 1; the deepspeed launcher and srun
-pass the rank's code through.)
+after writing a complete checkpoint, requeue the job; 2 = bad config, failed pre-flight (shards,
+run directory, tracking server, device: echocare_dist/preflight.py, checked by every rank before any
+process group) or incompatible checkpoint; anything else = crash. (torchrun reports a failed rank
+as 1; the deepspeed launcher and srun pass the rank's code through.)
 """
 import sys
 from pathlib import Path

@@ -13,7 +13,7 @@ def truncate_file(path: Path, keep_fraction: float = 0.5) -> None:
 
 
 def loader_config(root: Path, kind: str, *overrides: str, micro_batch: int = 4):
-    """tiny_cpu (img 64, patch 2, mask patch 16) reading `root` with loader `kind` ("dali" / "wds")."""
+    """tiny_cpu (img 64, patch 2, mask patch 16) reading `root` with loader `kind` ("dali" / "pil")."""
     from echocare_dist.config import load_config
     return load_config("tiny_cpu", [f"data.shards={root}", f"data.loader={kind}", f"train.micro_batch={micro_batch}",
                                     "data.shuffle_buffer=8", "data.device=cpu", "data.num_threads=2",

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from echocare_dist.config import ConfigError, load_config, save_resolved, swin_layout
+from echocare_dist.config import ConfigError, load_config, save_resolved
+from echocare_dist.models.archs import swin_layout
 
 PRESETS = ["tiny_cpu", "echocare_swin_l", "echocare_swin_l_p4", "echocare_swin_b"]
 
@@ -92,3 +93,49 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(str(path))
     assert again == cfg
     assert yaml.safe_load(path.read_text())["train"]["steps"] == 11
+
+
+def test_sections_validate_themselves():
+    from echocare_dist.config import AugmentConfig, DataConfig, TrainConfig
+    with pytest.raises(ConfigError, match=r"train\.zero_stage must be 0\.\.3, got 4"):
+        TrainConfig(zero_stage=4).validate()
+    # a nested section names its full dotted key
+    with pytest.raises(ConfigError, match=r"data\.augment\.hflip_prob must be in \[0, 1\], got 2"):
+        DataConfig(augment=AugmentConfig(hflip_prob=2.0)).validate("data")
+    with pytest.raises(ConfigError, match="mask.mask_patch_size must be positive, got 0"):
+        load_config("tiny_cpu", ["mask.mask_patch_size=0"])
+
+
+def test_deprecated_wds_loader_becomes_pil_with_a_warning():
+    from echocare_dist.config import config_from_dict
+    with pytest.warns(FutureWarning, match=r"data\.loader='wds' is deprecated, use data\.loader='pil'"):
+        cfg = load_config("tiny_cpu", ["data.loader=wds"])
+    assert cfg.data.loader == "pil"
+    saved = cfg.to_dict()
+    saved["data"]["loader"] = "wds"          # a config saved before the rename
+    with pytest.warns(FutureWarning, match="data.loader"):
+        assert config_from_dict(saved).data.loader == "pil"
+    assert saved["data"]["loader"] == "wds"  # the caller's dict is left as it was
+
+
+def test_config_args_with_resume():
+    import argparse
+
+    from echocare_dist.cli_args import add_config_args, config_from_args
+    plain = argparse.ArgumentParser()
+    add_config_args(plain)
+    args = plain.parse_args(["--set", "train.steps=3"])
+    assert config_from_args(args).train.steps == 3 and config_from_args(args).train.resume == "auto"
+    with pytest.raises(SystemExit):
+        plain.parse_args(["--resume", "none"])   # only the commands that resume take --resume
+    resuming = argparse.ArgumentParser()
+    add_config_args(resuming, resume=True)
+    assert config_from_args(resuming.parse_args(["--resume", "none"])).train.resume == "none"
+
+
+def test_config_imports_neither_torch_nor_timm(python_exe):
+    import subprocess
+    code = ("import sys, echocare_dist.config, echocare_dist.cli_args, echocare_dist.models.archs\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm'))\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([python_exe, "-c", code], check=True)

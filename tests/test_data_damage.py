@@ -9,7 +9,7 @@ from data_fixtures import loader_config, take, truncate_file, write_shards
 from echocare_dist.data import DataLoaderError, build_loader
 from echocare_dist.data.shards import ShardIndex
 
-LOADERS = ["dali", "wds"]
+LOADERS = ["dali", "pil"]
 COUNTS = (10, 10, 10, 10)
 BAD_SHARD, BAD_INDEX = 1, 3
 
@@ -63,7 +63,7 @@ def test_dali_quarantines_shard_with_corrupt_jpeg(damaged, ontology, tmp_path, c
 def test_fallback_skips_corrupt_jpeg_and_counts_it(damaged, ontology, tmp_path, caplog):
     root, labels, bad_key = damaged
     run_dir = tmp_path / "run"
-    loader = _loader(root, "wds", ontology, run_dir)
+    loader = _loader(root, "pil", ontology, run_dir)
     with caplog.at_level(logging.WARNING, logger="echocare_dist.data"):
         keys = [_epoch_keys(loader) for _ in range(2)]
     assert loader.bad_samples == 1 and loader.quarantined == []
@@ -128,7 +128,7 @@ def test_too_many_damaged_shards_stop_the_run(tmp_path, ontology):
     for s in range(3):
         truncate_file(root / f"shard-{s:06d}.tar", 0.5)
     with pytest.raises(DataLoaderError, match="3 of 4 shards .* damaged"):
-        _loader(root, "wds", ontology, tmp_path / "run")
+        _loader(root, "pil", ontology, tmp_path / "run")
 
 
 @pytest.mark.parametrize("kind", LOADERS)
@@ -150,12 +150,11 @@ def test_dali_finds_the_bad_sample_when_the_error_does_not_name_it(damaged, onto
     """Fallback of the DALI recovery: CPU-decode the samples in flight (here: the whole range)."""
     root, _, bad_key = damaged
     loader = _loader(root, "dali", ontology, tmp_path / "run", 0, 1, "data.shuffle_buffer=64")
-    loader._start_reader(None)
-    loader._active = True
-    loader._recover("Critical error in pipeline: something opaque happened")
+    loader.start()
+    loader.reader.recover("Critical error in pipeline: something opaque happened", position=0)
     assert loader.quarantined == [f"shard-{BAD_SHARD:06d}.tar"] and loader.bad_samples == 1
-    assert loader._bad_keys == {f"shard-{BAD_SHARD:06d}.tar/{bad_key}"}
+    assert loader.quarantine.bad_keys == {f"shard-{BAD_SHARD:06d}.tar/{bad_key}"}
     assert len(take(loader, 3)) == 3
     with pytest.raises(DataLoaderError, match="no damaged shard could be identified"):
-        loader._recover("Critical error in pipeline: something else")
+        loader.reader.recover("Critical error in pipeline: something else", position=3)
     loader.close()

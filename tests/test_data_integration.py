@@ -10,8 +10,10 @@ import torch
 
 from data_fixtures import loader_config, take
 from echocare_dist.data import build_loader
+from echocare_dist.models import build_model
+from echocare_dist.train.loss import PretrainLoss
 
-LOADERS = ["dali", "wds"]
+LOADERS = ["dali", "pil"]
 
 
 def _provenance(shard_dir: Path) -> dict:
@@ -46,15 +48,13 @@ def test_builder_shards_two_ranks(tiny_shards, ontology, kind):
 def test_batches_feed_a_training_step(tiny_shards, ontology):
     """Both loaders, 2 simulated ranks: a forward/backward on each batch; finite losses, gradients
     reach the mask token (so the masks reached the model)."""
-    models = pytest.importorskip("echocare_dist.models")
-    loss_mod = pytest.importorskip("echocare_dist.train.loss")
     torch.manual_seed(0)
     model = criterion = None
     for kind in LOADERS:
         cfg = loader_config(tiny_shards, kind, micro_batch=4)
         if model is None:
-            model = models.build_model(cfg.model, len(ontology))
-            criterion = loss_mod.PretrainLoss(cfg, ontology)
+            model = build_model(cfg.model, len(ontology))
+            criterion = PretrainLoss(cfg, ontology)
         for rank in range(2):
             loader = build_loader(cfg, ontology, rank=rank, world_size=2, device="cpu", run_dir=None)
             batch = next(loader)

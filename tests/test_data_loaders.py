@@ -1,4 +1,5 @@
-"""Both loaders: batch contract, rank split, exact resume, world-size change, DALI vs fallback."""
+"""Both loaders: batch contract, rank split, exact resume, world-size change, DALI vs fallback,
+the registry of loader kinds and the protocols they implement."""
 import logging
 import pickle
 
@@ -7,10 +8,13 @@ import pytest
 import torch
 
 from data_fixtures import RAMP_X, loader_config, take, write_shards
-from echocare_dist.data import build_loader
+from echocare_dist.data import (READERS, DataLoaderError, PretrainLoaderProtocol, Reader, build_loader,
+                                resolve_loader_kind)
 from echocare_dist.data.masking import MaskGenerator
+from echocare_dist.data.pil_loader import PilReader
+from echocare_dist.data.placement import decode_on_gpu
 
-LOADERS = ["dali", "wds"]
+LOADERS = ["dali", "pil"]
 COUNTS = (13, 11, 9, 8)  # 41 samples: rank ranges of 20 and 21 on 2 ranks
 
 
@@ -126,14 +130,14 @@ def test_dali_and_fallback_agree_on_labels_and_masks(shards, ontology):
         seen[kind] = {k: (b["labels"][i], b["mask"][i]) for b in take(ld, ld.steps_per_epoch)
                       for i, k in enumerate(b["keys"])}
         ld.close()
-    common = set(seen["dali"]) & set(seen["wds"])
+    common = set(seen["dali"]) & set(seen["pil"])
     assert len(common) >= 12  # both draw 20 of the rank's 21 samples
     for key in common:
-        assert np.array_equal(seen["dali"][key][0], seen["wds"][key][0])
+        assert np.array_equal(seen["dali"][key][0], seen["pil"][key][0])
         assert np.array_equal(seen["dali"][key][0], labels[key])
-        assert np.array_equal(seen["dali"][key][1], seen["wds"][key][1])
+        assert np.array_equal(seen["dali"][key][1], seen["pil"][key][1])
     masked = {kind: np.mean([m.mean() for _, m in seen[kind].values()]) for kind in LOADERS}
-    assert masked["dali"] == pytest.approx(0.5) and masked["wds"] == pytest.approx(0.5)
+    assert masked["dali"] == pytest.approx(0.5) and masked["pil"] == pytest.approx(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +163,7 @@ def test_augmentation_statistics_match(ramp_shards, ontology):
         ld = _loader(ramp_shards, kind, ontology, 0, 1, None, micro_batch=16)
         stats[kind] = _aug_stats(take(ld, ld.steps_per_epoch))
         ld.close()
-    d, w = stats["dali"], stats["wds"]
+    d, w = stats["dali"], stats["pil"]
     for s in (d, w):
         assert abs(s["hflip"] - 0.5) < 0.1 and abs(s["vflip"] - 0.5) < 0.1, stats
         assert 0.3 < s["cropped"] < 0.6, stats  # rrc_prob 0.5, most random crops narrower than the image
@@ -176,14 +180,14 @@ def test_fallback_resume_with_other_worker_counts(shards, ontology, threads):
     """In-process (0 workers) and 3 workers (streams that do not divide the epoch evenly)."""
     root, _ = shards
     opt = f"data.num_threads={threads}"
-    full = _loader(root, "wds", ontology, 1, 2, None, opt)
+    full = _loader(root, "pil", ontology, 1, 2, None, opt)
     want = [b["keys"] for b in take(full, 12)]
     full.close()
-    first = _loader(root, "wds", ontology, 1, 2, None, opt)
+    first = _loader(root, "pil", ontology, 1, 2, None, opt)
     got = [b["keys"] for b in take(first, 4)]
     state = first.state_dict()
     first.close()
-    second = _loader(root, "wds", ontology, 1, 2, None, opt)
+    second = _loader(root, "pil", ontology, 1, 2, None, opt)
     second.load_state_dict(state)
     got += [b["keys"] for b in take(second, 8)]
     second.close()
@@ -202,11 +206,11 @@ def test_state_before_first_batch_and_thread_change(shards, ontology, caplog):
     again.load_state_dict(state)
     assert [b["keys"] for b in take(again, 2)] == [b["keys"] for b in want]
     again.close()
-    wds = _loader(root, "wds", ontology)
-    take(wds, 2)
-    state = wds.state_dict()
-    wds.close()
-    other = _loader(root, "wds", ontology, 0, 1, None, "data.num_threads=1")
+    pil = _loader(root, "pil", ontology)
+    take(pil, 2)
+    state = pil.state_dict()
+    pil.close()
+    other = _loader(root, "pil", ontology, 0, 1, None, "data.num_threads=1")
     with caplog.at_level(logging.WARNING, logger="echocare_dist.data"):
         other.load_state_dict(state)
     assert other.restarted_epoch and "data.num_threads" in caplog.text
@@ -231,3 +235,87 @@ def test_jitter_factors_match(ramp_shards, ontology):
     for kind, f in factors.items():
         assert len(f) > 30 and 0.68 < f.min() and f.max() < 1.31, kind
         assert abs(f.mean() - 1.0) < 0.06 and abs(f.std() - 0.6 / np.sqrt(12)) < 0.05, (kind, f.mean(), f.std())
+
+
+def test_registry_resolves_kinds(shards):
+    root, _ = shards
+    cfg = loader_config(root, "dali")
+    assert {k: r.kind for k, r in READERS.items()} == {"dali": "dali", "pil": "pil"}
+    for kind in ("dali", "pil"):
+        cfg.data.loader = kind
+        assert resolve_loader_kind(cfg, "cpu") == kind
+    cfg.data.loader = "auto"
+    assert resolve_loader_kind(cfg, "cpu") == "pil"   # DALI only when it decodes on the GPU
+    for device, on_gpu in (("cpu", False), ("auto", False), ("gpu", True)):
+        cfg.data.device = device
+        assert decode_on_gpu(cfg.data, "cpu") is on_gpu, device
+    if not torch.cuda.is_available():
+        assert resolve_loader_kind(cfg, "cpu") == "pil"   # data.device=gpu without CUDA: not DALI's
+    cfg.data.loader = "webdataset"
+    with pytest.raises(DataLoaderError, match="data.loader='webdataset': unknown loader"):
+        resolve_loader_kind(cfg, "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_dali_refuses_gpu_decoding_without_cuda(shards, ontology):
+    root, _ = shards
+    with pytest.raises(DataLoaderError, match="data.device=gpu but CUDA is not available"):
+        _loader(root, "dali", ontology, 0, 1, None, "data.device=gpu")
+
+
+def test_wds_alias_warns_and_builds_the_pil_loader(shards, ontology):
+    root, _ = shards
+    cfg = loader_config(root, "pil")
+    cfg.data.loader = "wds"  # a config built without load_config, which renames it itself
+    with pytest.warns(FutureWarning, match=r"data\.loader='wds' is deprecated, use data\.loader='pil'"):
+        loader = build_loader(cfg, ontology, rank=0, world_size=1, device="cpu", run_dir=None)
+    try:
+        assert loader.kind == "pil" and isinstance(loader.reader, PilReader)
+        assert loader.state_dict()["loader"] == "pil"
+    finally:
+        loader.close()
+
+
+def test_state_saved_by_the_wds_loader_resumes_exactly(shards, ontology, caplog):
+    """Runs started before the rename saved loader="wds": the PIL loader continues them exactly."""
+    root, _ = shards
+    full = _loader(root, "pil", ontology, 1, 2)
+    want = take(full, 8)  # 5 steps per epoch: crosses an epoch boundary
+    full.close()
+    first = _loader(root, "pil", ontology, 1, 2)
+    got = take(first, 3)
+    state = pickle.loads(pickle.dumps(first.state_dict()))
+    first.close()
+    assert state["loader"] == "pil"
+    state["loader"] = "wds"
+    second = _loader(root, "pil", ontology, 1, 2)
+    second.load_state_dict(state)
+    got += take(second, 5)
+    second.close()
+    assert not second.restarted_epoch
+    assert [b["keys"] for b in got] == [b["keys"] for b in want]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g["target"], w["target"])
+        np.testing.assert_array_equal(g["mask"], w["mask"])
+    dali = _loader(root, "dali", ontology, 1, 2)
+    with caplog.at_level(logging.WARNING, logger="echocare_dist.data"):
+        dali.load_state_dict(state)
+    dali.close()
+    assert dali.restarted_epoch and "saved by the 'wds' loader, this is 'dali'" in caplog.text
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_loaders_implement_the_protocols(shards, ontology, kind):
+    """What the trainer reads without getattr, and the reader contract behind it."""
+    root, _ = shards
+    loader = _loader(root, kind, ontology)
+    try:
+        assert isinstance(loader, PretrainLoaderProtocol)
+        assert isinstance(loader.reader, Reader) and type(loader.reader) is READERS[kind]
+        assert loader.kind == loader.reader.kind == kind
+        next(loader)
+        assert (loader.epoch, loader.bad_samples, loader.quarantined) == (0, 0, [])
+        assert loader.steps_per_epoch == sum(COUNTS) // 4
+        assert loader.state_dict()["loader"] == kind
+    finally:
+        loader.close()

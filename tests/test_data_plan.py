@@ -1,4 +1,5 @@
-"""Epoch plan (rank split, equal steps), manifest checks, preflight, quarantine file, index parsing."""
+"""Epoch plan (rank split, equal steps), manifest checks, preflight, quarantine file, and the shard
+format the loaders read (index rule, manifest versions)."""
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ from data_fixtures import truncate_file, write_shards
 from echocare_dist.data.quarantine import Quarantine
 from echocare_dist.data.shards import (DataLoaderError, ShardError, ShardIndex, ShardSet, TarReader,
                                        buffer_shuffle, make_plan)
+from echocare_dist.shardfmt import MANIFEST, Manifest, ShardReader, read_index
 
 COUNTS = (13, 11, 9, 8, 1)  # 42 samples, uneven shards
 
@@ -129,3 +131,75 @@ def test_quarantine_file_merges_ranks(tmp_path):
     mem = Quarantine(None)
     mem.add(shards={"c.tar": {"reason": "z"}})
     assert mem.shards() == {"c.tar"}
+
+
+# ------------------------------------------------------------------------------------ shard format
+def _v11(text: str) -> str:
+    """The same index as DALI's older v1.1 writes it: no member names."""
+    lines = text.splitlines()
+    out = ["v1.1" + lines[0][4:]]
+    for line in lines[1:]:
+        tok = line.split()
+        out.append(" ".join(" ".join(tok[i:i + 3]) for i in range(0, len(tok), 4)))
+    return "\n".join(out) + "\n"
+
+
+def test_index_reader_accepts_v1_1_and_v1_2_only(shard_dir, tmp_path):
+    root, _ = shard_dir
+    v12 = (root / "shard-000001.idx").read_text()
+    named = read_index(root / "shard-000001.idx")
+    assert [s.key for s in named] == list(ShardIndex.read(root / "shard-000001.idx").keys)
+    old = tmp_path / "old.idx"
+    old.write_text(_v11(v12))
+    unnamed = read_index(old)
+    assert [s.components for s in unnamed] == [s.components for s in named]
+    assert all(s.key is None for s in unnamed)
+    assert ShardIndex.read(old).keys[3] == "old#3"  # the position stands in for the missing name
+    head, first, *rest = v12.splitlines()
+    tok = first.split()
+    off_by_one = "\n".join([head, " ".join([tok[0], str(int(tok[1]) + 1), *tok[2:]]), *rest])
+    for text, where in ((v12.replace("v1.2", "v1.0", 1), ":1:"), (v12.replace("v1.2", "v2.2", 1), ":1:"),
+                        ("", ":1:"), (v12.replace(" lbl ", " lbl x ", 1), ":2:"), (off_by_one, ":2:")):
+        bad = tmp_path / "bad.idx"
+        bad.write_text(text)
+        with pytest.raises(ShardError, match=f"bad.idx{where}"):
+            read_index(bad)
+    short = tmp_path / "short.idx"
+    short.write_text("\n".join(v12.splitlines()[:-1]) + "\n")
+    with pytest.raises(ShardError, match="header says 11 samples, the index lists 10"):
+        read_index(short)
+
+
+def test_shard_reader_reads_what_the_writer_wrote(shard_dir, ontology):
+    root, labels = shard_dir
+    with ShardReader(root / "shard-000002.tar") as reader:
+        for i, sample in enumerate(reader.samples):
+            parts = reader.read(i)
+            assert set(parts) == {"jpg", "lbl", "json"}
+            assert np.array_equal(np.frombuffer(parts["lbl"], np.int8), labels[sample.key])
+            assert reader.member_at(sample.components["json"][0]) == (f"{sample.key}.json", len(parts["json"]))
+
+
+def test_manifest_round_trip_and_versions(shard_dir, tmp_path):
+    root, _ = shard_dir
+    manifest = Manifest.read(root)
+    assert manifest.format == 1 and manifest.num_samples == sum(COUNTS)
+    assert [s.name for s in manifest.shards] == [f"shard-{i:06d}.tar" for i in range(len(COUNTS))]
+    manifest.write(tmp_path)
+    assert Manifest.read(tmp_path) == manifest
+    raw = json.loads((root / MANIFEST).read_text())
+    del raw["format"]  # written before the manifest carried its version: format 1
+    (tmp_path / MANIFEST).write_text(json.dumps(raw))
+    assert Manifest.read(tmp_path) == manifest
+    for change, needle in (({"format": 2}, "format=2"), ({"per_node": None}, "per_node"),
+                           ({"num_samples": "42"}, "num_samples must be an integer"),
+                           ({"shards": [{"name": "x.tar"}]}, r"shards\[0\] needs name, samples, bytes and sha256"),
+                           ({"shards": [{**raw["shards"][0], "name": "../x.tar"}]}, "not a file name")):
+        broken = {k: v for k, v in {**raw, **change}.items() if v is not None}
+        (tmp_path / MANIFEST).write_text(json.dumps(broken))
+        with pytest.raises(ShardError, match=needle) as err:
+            Manifest.read(tmp_path)
+        assert str(tmp_path / MANIFEST) in str(err.value)
+    (tmp_path / MANIFEST).write_text("{not json")
+    with pytest.raises(ShardError, match="invalid JSON"):
+        Manifest.read(tmp_path)

@@ -18,7 +18,7 @@ from echocare_dist.data import build_loader
 def test_fallback_workers_survive_preemption_signals(tmp_path, ontology):
     root = tmp_path / "shards"
     write_shards(root, ontology, (24, 24))
-    cfg = loader_config(root, "wds", "data.num_threads=2")
+    cfg = loader_config(root, "pil", "data.num_threads=2")
     me = psutil.Process(os.getpid())
     before = {p.pid for p in me.children(recursive=True)}  # e.g. a resource tracker of earlier tests
     loader = build_loader(cfg, ontology, rank=0, world_size=1, device="cpu", run_dir=tmp_path / "run")

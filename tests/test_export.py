@@ -1,9 +1,10 @@
 """`echocare export`: DeepSpeed checkpoints of ZeRO 0/2/3 (1 and 2 ranks) -> encoder files.
 
-The checkpoints are written by a real DeepSpeed engine through the trainer's CheckpointManager
-(in a subprocess, so this pytest process never joins a process group), after two optimizer
-steps so the weights differ from their initialisation. The script also records the training
-model's encoder features on a probe batch: the exported encoder must reproduce them.
+The checkpoints are written by the pretraining loop itself (`Pretrainer`: build_components,
+train_step, its checkpoint), in a subprocess so this pytest process never joins a process group,
+after two optimizer steps on real shards so the weights differ from their initialisation. The
+script also records the training model's encoder features on a probe batch: the exported encoder
+must reproduce them.
 """
 from __future__ import annotations
 
@@ -25,39 +26,32 @@ MAKE_CHECKPOINTS = textwrap.dedent('''
     import contextlib, sys
     from pathlib import Path
     import deepspeed, torch
-    from echocare_dist.config import load_config, save_resolved
-    from echocare_dist.models import build_model
+    from echocare_dist.config import load_config
+    from echocare_dist.data.testing import write_shards
     from echocare_dist.ontology import load_ontology
     from echocare_dist.train import distributed
-    from echocare_dist.train.checkpoint import CheckpointManager, model_fingerprint
+    from echocare_dist.train.preemption import PreemptionHandler
+    from echocare_dist.train.trainer import Pretrainer
 
     out, stages = Path(sys.argv[1]), [int(s) for s in sys.argv[2:]]
     env = distributed.init_distributed(600)  # generous: CI cores are shared
-    cfg = load_config("tiny_cpu")
-    onto = load_ontology(cfg.resolve_path(cfg.ontology.path))
-    grid = cfg.model.img_size // cfg.model.patch_size
+    shards = out / "shards"
+    if env.is_main:
+        base = load_config("tiny_cpu")
+        write_shards(shards, load_ontology(base.resolve_path(base.ontology.path)), counts=(8, 8))
+    distributed.barrier()
     for stage in stages:
-        torch.manual_seed(stage)
         run_dir = out / f"zero{stage}_w{env.world_size}"
-        model = build_model(cfg.model, len(onto))
-        ds_cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-                  "steps_per_print": 10**9, "gradient_clipping": 0.0, "zero_optimization": {"stage": stage}}
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
-        g = torch.Generator().manual_seed(100 + env.rank)
-        for _ in range(2):
-            x = torch.rand(2, 1, cfg.model.img_size, cfg.model.img_size, generator=g)
-            mask = (torch.rand(2, grid, grid, generator=g) > 0.5).to(torch.uint8)
-            pred = engine(x, mask)
-            loss = (pred["recon"] - x).abs().mean() + pred["logits"].pow(2).mean()
-            engine.backward(loss)
-            engine.step()
-        if env.is_main:
-            save_resolved(cfg, run_dir)
-        client = dict(step=2, config=cfg.to_dict(), ontology_hash=onto.hash)
-        meta = dict(world_size=env.world_size, zero_stage=stage, ontology_hash=onto.hash,
-                    model=model_fingerprint(cfg.model))
-        CheckpointManager(run_dir / "checkpoints", env, keep_last=2).save(engine, 2, client, meta)
+        # A large first step (no warmup, LR not scaled down to the tiny batch): the weights move.
+        cfg = load_config("tiny_cpu", [
+            f"data.shards={shards}", f"train.run_dir={run_dir}", f"train.zero_stage={stage}",
+            "train.micro_batch=2", "train.steps=2", "train.ckpt_every=1000", "train.log_every=1",
+            "train.image_every=1000", "train.resume=none", "tracking.enabled=false",
+            "optim.lr=1e-2", "optim.lr_batch_ref=2", "optim.warmup_steps=0"])
+        trainer = Pretrainer(cfg, env)
+        trainer.setup()
+        assert trainer.train(PreemptionHandler([])) == 0 and trainer.step == 2
+        engine = trainer.components.engine
         probe = torch.rand(3, 1, cfg.model.img_size, cfg.model.img_size, generator=torch.Generator().manual_seed(7))
         gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
                   if stage == 3 else contextlib.nullcontext())
@@ -73,6 +67,7 @@ MAKE_CHECKPOINTS = textwrap.dedent('''
         if env.is_main:
             torch.save(dict(probe=probe, features=features, encode_last=full, state_dict=state),
                        run_dir / "reference.pt")
+        trainer.close()
         distributed.barrier()
     distributed.shutdown()
 ''')

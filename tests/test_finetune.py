@@ -66,6 +66,7 @@ def bright_dark(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_classification_learns_brightness_and_saves_best(tmp_path, exported, bright_dark):
     from echocare_dist.finetune.runner import Finetuner, load_finetuned
 

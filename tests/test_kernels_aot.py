@@ -11,6 +11,7 @@ KERNELS = {"_masked_l1_fwd_kernel", "_masked_l1_bwd_kernel", "finalize_mean_kern
            "_hier_fwd_kernel", "_hier_bwd_kernel", "_coherent_probs_kernel"}
 
 
+@pytest.mark.slow
 def test_every_kernel_variant_compiles_for_sm80_and_sm90(repo_root, tmp_path):
     pytest.importorskip("triton")
     report = tmp_path / "aot.json"

@@ -13,6 +13,7 @@ import pytest
 TIMEOUT_S = 600
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
                     reason="TRITON_INTERPRET=1 is set: tests/kernels_interp is collected in this process")
 def test_triton_kernels_in_interpreter(repo_root):

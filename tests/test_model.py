@@ -7,7 +7,8 @@ import pytest
 import timm
 import torch
 
-from echocare_dist.config import load_config, swin_layout
+from echocare_dist.config import load_config
+from echocare_dist.models.archs import swin_layout
 from echocare_dist.models import build_model, param_groups
 
 NUM_CLASSES = 7
@@ -232,3 +233,40 @@ def test_fused_attention_matches_explicit_softmax():
         a, b = fused(x, mask), explicit(x, mask)
     torch.testing.assert_close(a["recon"], b["recon"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a["logits"], b["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_predict_anatomy_is_coherent_on_model_output(ontology):
+    from echocare_dist.kernels import coherent_probs_reference, index_table
+    cfg = tiny_model_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg, len(ontology)).eval()
+    with torch.no_grad():  # a trained head is confident; the init one gives logits near 0
+        model.hie_head.fc.weight.normal_(0, 1.0)
+    x, _ = make_batch(cfg, batch=4)
+    pred = model.predict_anatomy(x, ontology, impl="torch")
+    assert pred.names == ontology.names and pred.probs.shape == (4, len(ontology))
+    assert pred.probs.dtype == torch.float32 and not pred.probs.requires_grad
+
+    with torch.no_grad():
+        logits = model.hie_head(model.encode(x)[-1]).float()
+    desc = index_table(ontology.descendant_table, "cpu")
+    torch.testing.assert_close(pred.probs, coherent_probs_reference(logits, desc), rtol=0, atol=0)
+    raw = torch.sigmoid(logits)
+    edges = [(p, v) for v, parents in enumerate(ontology.parents) for p in parents]
+    assert any(bool((raw[:, v] > raw[:, p]).any()) for p, v in edges)  # the plain head is not coherent
+
+    for t in torch.quantile(pred.probs, torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])).tolist() + [0.5]:
+        for present in pred.present(t):
+            kept = {ontology.node(n) for n in present}
+            assert all(p in kept for v in kept for p in ontology.parents[v]), t
+    per_image = pred.per_image()
+    assert len(per_image) == 4 and per_image[0][ontology.names[0]] == pytest.approx(float(pred.probs[0, 0]))
+
+
+def test_predict_anatomy_refuses_a_foreign_ontology_or_no_head(ontology):
+    cfg = tiny_model_cfg()
+    x, _ = make_batch(cfg)
+    with pytest.raises(ValueError, match=f"descendant_table has {len(ontology)} rows but logits have C={NUM_CLASSES}"):
+        build_model(cfg, NUM_CLASSES).predict_anatomy(x, ontology)
+    with pytest.raises(ValueError, match="model.hie_head=false"):
+        build_model(tiny_model_cfg(hie_head=False), NUM_CLASSES).predict_anatomy(x, ontology)

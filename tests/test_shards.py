@@ -21,7 +21,8 @@ from echocare_dist.curation.mapping import load_mapping
 from echocare_dist.curation.media import to_uint8
 from echocare_dist.curation.neardup import NearDuplicateIndex, max_distance
 from echocare_dist.curation.preprocess import FrameParams, crop_content, curate_frame, phash64
-from test_shards_data import make_dataset, ultrasound
+from echocare_dist.synth.patterns import sector_frame
+from test_shards_data import make_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 OVERRIDES = ["curation.shard_max_samples=8", "curation.chunk_files=4"]
@@ -74,8 +75,8 @@ def draw_graphics(img: np.ndarray) -> None:
 
 def test_crop_removes_border_text_graphics_and_corner_glyphs():
     params = FrameParams.from_config(load_config("tiny_cpu").curation)
-    clean, sector = ultrasound(360, 480, seed=3, border_text=False)
-    texted, _ = ultrasound(360, 480, seed=3, border_text=True, corner_text=True)
+    clean, sector = sector_frame(360, 480, seed=3, border_text=False)
+    texted, _ = sector_frame(360, 480, seed=3, border_text=True, corner_text=True)
     draw_graphics(texted)
     assert (texted != clean).sum() > 500  # the overlays are really there
     out, box = crop_content(texted, params)
@@ -95,7 +96,7 @@ def test_crop_removes_border_text_graphics_and_corner_glyphs():
 
 def test_crop_keeps_a_sector_split_by_dark_fluid():
     params = FrameParams.from_config(load_config("tiny_cpu").curation)
-    img, sector = ultrasound(400, 400, seed=5)
+    img, sector = sector_frame(400, 400, seed=5)
     x0, y0, x1, y1 = sector
     band = slice(y0 + (y1 - y0) // 3, y0 + (y1 - y0) // 2)
     fan = img[band, x0:x1] > 0
@@ -109,7 +110,7 @@ def test_crop_keeps_a_sector_split_by_dark_fluid():
 
 def test_downscale_keeps_the_dedupe_key():
     params = FrameParams.from_config(load_config("tiny_cpu").curation)
-    img, _ = ultrasound(360, 480, seed=4)
+    img, _ = sector_frame(360, 480, seed=4)
     full = curate_frame(img, params)
     small = curate_frame(img, FrameParams(**{**params.__dict__, "max_side": 100}))
     assert max(small.width, small.height) == 100 < max(full.width, full.height)
@@ -125,10 +126,10 @@ def test_to_uint8_scales_16_bit_and_keeps_black():
 
 
 def test_phash_separates_near_and_different():
-    a, _ = ultrasound(240, 320, seed=1, border_text=False)
+    a, _ = sector_frame(240, 320, seed=1, border_text=False)
     noisy = np.clip(a.astype(int) + np.random.default_rng(0).integers(-3, 4, a.shape), 0, 255).astype(np.uint8)
     rec = cv2.imdecode(cv2.imencode(".jpg", a, [cv2.IMWRITE_JPEG_QUALITY, 70])[1], cv2.IMREAD_GRAYSCALE)
-    b, _ = ultrasound(240, 320, seed=2, border_text=False)
+    b, _ = sector_frame(240, 320, seed=2, border_text=False)
     ham = lambda x, y: bin(phash64(x) ^ phash64(y)).count("1")  # noqa: E731
     assert ham(a, noisy) <= 3 and ham(a, rec) <= 3
     assert ham(a, b) >= 10
@@ -221,10 +222,10 @@ def test_label_precedence_csv_rule_folder_default(tmp_path, ontology):
 def test_build_counts_rejections_and_format(built, dataset, ontology):
     out, m = built
     exp = dataset.expect
-    assert m["num_samples"] == exp["samples"] == sum(s["samples"] for s in m["shards"])
-    assert m["per_source"] == exp["per_source"]
-    assert m["ontology_hash"] == ontology.hash and m["ontology_nodes"] == len(ontology)
-    rej = m["rejected"]
+    assert m.num_samples == exp["samples"] == sum(s.samples for s in m.shards)
+    assert m.per_source == exp["per_source"]
+    assert m.ontology_hash == ontology.hash and m.ontology_nodes == len(ontology)
+    rej = m.rejected
     for reason in ("corrupt", "too_few_pixels", "duplicate"):
         assert set(rej[reason]["paths"]) == exp[reason], reason
         assert rej[reason]["count"] == len(exp[reason])
@@ -232,18 +233,18 @@ def test_build_counts_rejections_and_format(built, dataset, ontology):
     assert all(d["error"] for d in rej["corrupt"]["details"])
     assert "truncated" in next(d["error"] for d in rej["corrupt"]["details"] if d["path"].endswith("broken.jpg"))
     assert rej["duplicate"]["details"][0]["of"]["path"] == exp["duplicate_of"]
-    assert m["ignored"]["count"] == 2  # notes.txt, labels.csv (hidden .DS_Store is not even listed)
-    assert all(s["samples"] <= 8 for s in m["shards"]) and len(m["shards"]) == -(-exp["samples"] // 8)
+    assert m.ignored["count"] == 2  # notes.txt, labels.csv (hidden .DS_Store is not even listed)
+    assert all(s.samples <= 8 for s in m.shards) and len(m.shards) == -(-exp["samples"] // 8)
     assert (out / "config.resolved.yaml").is_file() and not (out / ".staging").exists()
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["manifest.json", "config.resolved.yaml"]
-                           + [s["name"] for s in m["shards"]] + [s["name"][:-4] + ".idx" for s in m["shards"]])
+                           + [s.name for s in m.shards] + [s.name[:-4] + ".idx" for s in m.shards])
 
 
 def test_samples_labels_frames_and_jpegs(built, dataset, ontology):
     out, m = built
     samples = read_samples(out)
-    assert len(samples) == m["num_samples"]
+    assert len(samples) == m.num_samples
     frames: dict[str, list] = {}
     for key, s in samples.items():
         assert set(s) == {"jpg", "lbl", "json"} and len(key) == 16 and int(key, 16) >= 0
@@ -273,13 +274,13 @@ def test_samples_labels_frames_and_jpegs(built, dataset, ontology):
     assert sorted(frames["cine loop.dcm"]) == dataset.expect["dicom_frames"]
     assert frames["IM0001"] == [None] and frames["deep 16bit.png"] == [None]
     per_node = np.sum([np.frombuffer(s["lbl"], np.int8) == 1 for s in samples.values()], axis=0)
-    assert m["per_node"] == {n: int(v) for n, v in zip(ontology.names, per_node)}
+    assert m.per_node == {n: int(v) for n, v in zip(ontology.names, per_node)}
 
 
 def test_shards_are_globally_shuffled(built):
     out, m = built
     # Shuffled across shards: the first shard mixes both sources, not just the first source's files.
-    first = [json.loads(s["json"])["source"] for s in read_samples_first(out / m["shards"][0]["name"])]
+    first = [json.loads(s["json"])["source"] for s in read_samples_first(out / m.shards[0].name)]
     assert len(set(first)) == 2
 
 
@@ -296,7 +297,7 @@ def test_seed_changes_the_order_not_the_content(built, dataset, tmp_path, ontolo
 
     assert order(tmp_path / "s1") != order(out)
     assert sorted(order(tmp_path / "s1")) == sorted(order(out))
-    assert other["per_node"] == m["per_node"] and other["rejected"] == m["rejected"]
+    assert other.per_node == m.per_node and other.rejected == m.rejected
 
 
 def test_shard_byte_limit(dataset, tmp_path, ontology):
@@ -304,12 +305,12 @@ def test_shard_byte_limit(dataset, tmp_path, ontology):
     m = build_shards([dataset.mapping], tmp_path / "b", curation_config(workers=1, shard_max_bytes=limit,
                                                                          shard_max_samples=1000),
                      ontology, progress=False)
-    assert len(m["shards"]) > 2 and m["num_samples"] == 22
-    for s in m["shards"]:
-        assert s["bytes"] == (tmp_path / "b" / s["name"]).stat().st_size
-        assert s["bytes"] <= limit or s["samples"] == 1
+    assert len(m.shards) > 2 and m.num_samples == 22
+    for s in m.shards:
+        assert s.bytes == (tmp_path / "b" / s.name).stat().st_size
+        assert s.bytes <= limit or s.samples == 1
     # Greedy: a shard was only closed because the next sample would not fit.
-    assert sum(s["bytes"] for s in m["shards"][:-1]) > 0.6 * limit * (len(m["shards"]) - 1)
+    assert sum(s.bytes for s in m.shards[:-1]) > 0.6 * limit * (len(m.shards) - 1)
 
 
 def read_samples_first(tar: Path) -> list[dict]:
@@ -319,11 +320,11 @@ def read_samples_first(tar: Path) -> list[dict]:
 
 def test_index_matches_wds2idx_byte_for_byte(built, tmp_path):
     out, m = built
-    for s in m["shards"]:
-        ref = tmp_path / (s["name"] + ".ref.idx")
-        subprocess.run([str(REPO / ".venv" / "bin" / "wds2idx"), str(out / s["name"]), str(ref)],
+    for s in m.shards:
+        ref = tmp_path / (s.name + ".ref.idx")
+        subprocess.run([str(REPO / ".venv" / "bin" / "wds2idx"), str(out / s.name), str(ref)],
                        check=True, capture_output=True)
-        assert (out / s["name"]).with_suffix(".idx").read_bytes() == ref.read_bytes()
+        assert (out / s.name).with_suffix(".idx").read_bytes() == ref.read_bytes()
 
 
 def test_workers_do_not_change_the_result(built, dataset, tmp_path, ontology):
@@ -335,19 +336,19 @@ def test_workers_do_not_change_the_result(built, dataset, tmp_path, ontology):
 def test_near_dedup_drops_perceptual_duplicates(tmp_path, ontology):
     root = tmp_path / "near"
     root.mkdir()
-    a, _ = ultrasound(240, 320, seed=1)
+    a, _ = sector_frame(240, 320, seed=1)
     noisy = np.clip(a.astype(int) + np.random.default_rng(0).integers(-3, 4, a.shape), 0, 255).astype(np.uint8)
-    b, _ = ultrasound(240, 320, seed=2)
+    b, _ = sector_frame(240, 320, seed=2)
     for name, img in (("a.png", a), ("a noisy.png", noisy), ("b.png", b)):
         cv2.imwrite(str(root / name), img)
     mapping = tmp_path / "m.yaml"
     mapping.write_text("sources:\n  - {name: n, root: near, labels: [liver]}\n")
     plain = build_shards([mapping], tmp_path / "plain", curation_config(workers=1), ontology, progress=False)
-    assert plain["num_samples"] == 3  # pixels differ: no exact duplicate
+    assert plain.num_samples == 3  # pixels differ: no exact duplicate
     m = build_shards([mapping], tmp_path / "nd", curation_config(workers=1, near_dedup="true"), ontology,
                      progress=False)
-    nd = m["rejected"]["near_duplicate"]
-    assert m["num_samples"] == 2 and nd["count"] == 1
+    nd = m.rejected["near_duplicate"]
+    assert m.num_samples == 2 and nd["count"] == 1
     assert nd["paths"] == [str((root / "a.png").resolve())]  # "a noisy.png" sorts first and is kept
     assert nd["details"][0]["of"]["path"] == str((root / "a noisy.png").resolve())
 
@@ -358,13 +359,13 @@ def test_verify_passes_and_catches_tampering(built, tmp_path, ontology):
     assert verify_shards(out, ontology).ok
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
-    tar = bad / m["shards"][1]["name"]
+    tar = bad / m.shards[1].name
     data = bytearray(tar.read_bytes())
     with tarfile.open(tar) as tf:
         jpg = next(x for x in tf if x.name.endswith(".jpg"))
     data[jpg.offset_data + 2: jpg.offset_data + 200] = b"\0" * 198  # wreck the JPEG headers
     tar.write_bytes(bytes(data))
-    (bad / m["shards"][2]["name"]).with_suffix(".idx").unlink()
+    (bad / m.shards[2].name).with_suffix(".idx").unlink()
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["per_source"]["Thyroid US"] += 1
     (bad / "manifest.json").write_text(json.dumps(manifest))
@@ -432,15 +433,16 @@ def test_sigkill_mid_shard_then_resume_is_identical(built, dataset, tmp_path):
         from pathlib import Path
         from echocare_dist.config import load_config
         from echocare_dist.ontology import load_ontology
-        from echocare_dist.curation import build_shards, tario
-        real_write, n = tario.ShardWriter.write, [0]
+        from echocare_dist.curation import build_shards
+        from echocare_dist.shardfmt import ShardWriter
+        real_write, n = ShardWriter.write, [0]
         def write(self, key, comps):
             n[0] += 1
             real_write(self, key, comps)
             if n[0] == 13:  # inside the second shard (8 samples per shard)
                 self._tar.fileobj.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
-        tario.ShardWriter.write = write
+        ShardWriter.write = write
         if __name__ == "__main__":
             cfg = load_config("tiny_cpu", {OVERRIDES!r} + ["curation.workers=2"])
             build_shards([Path({str(dataset.mapping)!r})], Path({str(target)!r}), cfg,
@@ -483,7 +485,7 @@ def test_cli_verify_inspect_and_bad_mapping(built, tmp_path):
     assert b.returncode == 2 and "'kidnee'" in b.stderr and str(bad) in b.stderr
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
-    (broken / m["shards"][0]["name"]).write_bytes(b"truncated")
+    (broken / m.shards[0].name).write_bytes(b"truncated")
     v = run("verify", str(broken))
     assert v.returncode == 1 and "shard-000000.tar" in v.stderr
 
@@ -492,7 +494,7 @@ def test_discovery_sorted_skips_hidden_and_survives_symlink_loops(tmp_path):
     from echocare_dist.curation.media import discover
     root = tmp_path / "root"
     (root / "b dir").mkdir(parents=True)
-    img, _ = ultrasound(100, 120, seed=0)
+    img, _ = sector_frame(100, 120, seed=0)
     for name in ("b dir/z.png", "a.JPG", "._a.jpg", "b dir/notes.txt"):
         cv2.imwrite(str(root / name), img) if not name.endswith(".txt") else (root / name).write_text("x")
     (root / "b dir" / "loop").symlink_to(root, target_is_directory=True)

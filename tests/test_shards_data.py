@@ -1,4 +1,5 @@
 """Small hand-made ultrasound-like source folders for the shard builder tests (no test here).
+The frames are echocare_dist.synth.patterns.sector_frame; this file only arranges them into files.
 
 Everything real collections throw at the builder, in a few dozen files: PNG/JPEG/BMP/TIFF of
 several sizes, RGB, gray, palette and 16-bit, names with spaces, burned-in text around the
@@ -15,43 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-TEXT = (255, 255, 255)
-
-
-def fan_mask(h: int, w: int, apex_y: float = -0.15, spread_deg: float = 35.0, r0=0.2, r1=0.95) -> np.ndarray:
-    """A convex-probe sector: an annulus wedge with its apex above the top edge."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    cx, cy = w / 2, apex_y * h
-    r = np.hypot(xx - cx, yy - cy)
-    ang = np.degrees(np.arctan2(xx - cx, yy - cy))
-    return (np.abs(ang) <= spread_deg) & (r >= r0 * h) & (r <= r1 * h)
-
-
-def ultrasound(h: int, w: int, seed: int, border_text: bool = True, corner_text: bool = False,
-               box: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Gray uint8 B-mode-like frame: speckle inside a sector placed in `box` (x0, y0, x1, y1),
-    a brighter ellipse 'organ', and text outside the sector. Returns (image, sector bbox)."""
-    rng = np.random.default_rng(seed)
-    img = np.zeros((h, w), np.uint8)
-    x0, y0, x1, y1 = box or (w // 6, h // 8, w - w // 6, h - h // 10)
-    bh, bw = y1 - y0, x1 - x0
-    mask = fan_mask(bh, bw)
-    speckle = rng.rayleigh(45 + 10 * (seed % 3), size=(bh, bw))
-    organ = np.zeros((bh, bw), np.uint8)
-    cv2.ellipse(organ, (int(bw * rng.uniform(.35, .65)), int(bh * rng.uniform(.45, .7))),
-                (int(bw * .15), int(bh * .1)), float(rng.uniform(0, 180)), 0, 360, 1, -1)
-    tissue = np.clip(speckle * (1 + organ * 0.8) + 20, 0, 255).astype(np.uint8)
-    region = img[y0:y1, x0:x1]
-    region[mask] = tissue[mask]
-    ys, xs = np.nonzero(mask)
-    sector = (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
-    if border_text:
-        cv2.putText(img, "PAT 0042 ABD", (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, TEXT, 1)
-        cv2.putText(img, f"{seed:03d} 5.0MHz", (3, h - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, TEXT, 1)
-        cv2.putText(img, "G 60", (w - 36, h // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.35, TEXT, 1)
-    if corner_text:  # inside the sector's bounding box but outside the fan
-        cv2.putText(img, "L", (sector[0] + 2, sector[3] - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, TEXT, 1)
-    return img, sector
+from echocare_dist.synth.patterns import TEXT, sector_frame
 
 
 def to_rgb(gray: np.ndarray, tint=(1.0, 0.95, 0.9)) -> np.ndarray:
@@ -101,20 +66,20 @@ def make_dataset(base: Path) -> Dataset:
     sizes = [(160, 200), (240, 320), (360, 480), (300, 260), (480, 640)]
     # stills: gray png, RGB jpeg, bmp, tiff, palette png, 16-bit png
     for i, (h, w) in enumerate(sizes):
-        img, _ = ultrasound(h, w, seed=i)
+        img, _ = sector_frame(h, w, seed=i)
         cv2.imwrite(str(thy / "scans day 1" / f"img {i}.png"), img)
     for i, (h, w) in enumerate(sizes[:3]):
-        img, _ = ultrasound(h, w, seed=10 + i)
+        img, _ = sector_frame(h, w, seed=10 + i)
         Image.fromarray(to_rgb(img)).save(thy / "nodules" / f"nodule {i}.jpg", quality=92)
-    img, _ = ultrasound(200, 260, seed=20)
+    img, _ = sector_frame(200, 260, seed=20)
     Image.fromarray(img).save(thy / "scan bmp.bmp")
-    img, _ = ultrasound(220, 300, seed=21)
+    img, _ = sector_frame(220, 300, seed=21)
     Image.fromarray(to_rgb(img)).save(thy / "scan tiff.tiff")
-    img, _ = ultrasound(210, 280, seed=22)
+    img, _ = sector_frame(210, 280, seed=22)
     Image.fromarray(to_rgb(img)).convert("P", palette=Image.ADAPTIVE, colors=64).save(thy / "palette scan.png")
-    img, _ = ultrasound(230, 290, seed=23)
+    img, _ = sector_frame(230, 290, seed=23)
     Image.fromarray((img.astype(np.uint16) * 16)).save(thy / "deep 16bit.png")  # 12-bit data in 16 bits
-    img, _ = ultrasound(190, 250, seed=24)
+    img, _ = sector_frame(190, 250, seed=24)
     Image.fromarray(np.dstack([to_rgb(img), np.full(img.shape, 255, np.uint8)])).save(thy / "rgba scan.png")
     # rejections
     shutil.copy(thy / "scans day 1" / "img 1.png", thy / "scans day 1" / "img 1 copy.png")  # duplicate
@@ -132,12 +97,12 @@ def make_dataset(base: Path) -> Dataset:
     # an extensionless single-frame RGB DICOM.
     vw = cv2.VideoWriter(str(card / "apical 4ch.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 25, (320, 240))
     for t in range(25):
-        frame, _ = ultrasound(240, 320, seed=100 + t)
+        frame, _ = sector_frame(240, 320, seed=100 + t)
         vw.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
     vw.release()
-    cine = np.stack([ultrasound(200, 240, seed=200 + t)[0] for t in range(12)])
+    cine = np.stack([sector_frame(200, 240, seed=200 + t)[0] for t in range(12)])
     write_dicom(card / "cine loop.dcm", cine)
-    single = to_rgb(ultrasound(180, 220, seed=300)[0])[None]
+    single = to_rgb(sector_frame(180, 220, seed=300)[0])[None]
     write_dicom(card / "IM0001", single, rgb=True)
     (card / "broken clip.mp4").write_bytes(bytes(range(256)) * 8)                # corrupt video
     cine_bytes = (card / "cine loop.dcm").read_bytes()

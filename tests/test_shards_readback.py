@@ -11,6 +11,7 @@ import pytest
 
 from echocare_dist.config import load_config
 from echocare_dist.curation import build_shards, verify_shards
+from echocare_dist.shardfmt import Manifest
 from test_shards_data import make_dataset
 
 
@@ -112,36 +113,28 @@ def test_webdataset_reads_every_sample_with_labels(shards, ontology, monkeypatch
 
 def test_synthetic_dataset_shards(request, ontology):
     """The shared `tiny_shards` fixture (synthetic generator -> builder) verifies and reads back."""
-    try:
-        from echocare_dist.synth import generate_dataset  # noqa: F401
-    except ImportError:
-        pytest.skip("echocare_dist.synth.generate_dataset is not available yet")
     tiny = request.getfixturevalue("tiny_shards")
     report = verify_shards(tiny, ontology)
     assert report.ok, report.summary()
-    manifest = json.loads((tiny / "manifest.json").read_text())
-    assert report.num_samples == manifest["num_samples"] > 0
-    assert sum(manifest["per_node"].values()) > 0
-    assert len(read_with_dali(tiny)) == manifest["num_samples"]
+    manifest = Manifest.read(tiny)
+    assert report.num_samples == manifest.num_samples > 0
+    assert sum(manifest.per_node.values()) > 0
+    assert len(read_with_dali(tiny)) == manifest.num_samples
 
 
 def test_synthetic_rejections_and_crops_match_ground_truth(request):
     """Against the generator's ground truth: rejection counts, and every crop stays inside the
     imaged sector (no text, logo or grey-scale bar ever widens it) while covering most of it."""
-    try:
-        from echocare_dist.synth import generate_dataset  # noqa: F401
-    except ImportError:
-        pytest.skip("echocare_dist.synth.generate_dataset is not available yet")
     synth = request.getfixturevalue("synth_dataset")
     tiny = request.getfixturevalue("tiny_shards")
-    manifest = json.loads((tiny / "manifest.json").read_text())
-    rej = manifest["rejected"]
+    manifest = Manifest.read(tiny)
+    rej = manifest.rejected
     assert rej["corrupt"]["count"] == synth.corrupt
     assert rej["too_few_pixels"]["count"] == synth.near_empty
     assert rej["duplicate"]["count"] == synth.duplicates
-    roots = {s["name"]: Path(s["root"]) for s in manifest["sources"]}
+    roots = {s["name"]: Path(s["root"]) for s in manifest.sources}
     truth = {(Path(synth.root) / f.path).resolve(): f for f in synth.files}
-    margin = manifest["curation"]["crop_margin"]
+    margin = manifest.curation["crop_margin"]
     ious = []
     for _, _, _, prov in reference(tiny):
         f = truth[(roots[prov["source"]] / prov["path"]).resolve()]
@@ -158,14 +151,10 @@ def test_synthetic_rejections_and_crops_match_ground_truth(request):
 
 
 def test_synthetic_near_duplicates_are_found(request, tmp_path, ontology):
-    try:
-        from echocare_dist.synth import generate_dataset  # noqa: F401
-    except ImportError:
-        pytest.skip("echocare_dist.synth.generate_dataset is not available yet")
     synth = request.getfixturevalue("synth_dataset")
     cfg = load_config("tiny_cpu", ["curation.near_dedup=true", "curation.workers=1"])
     m = build_shards([synth.mapping], tmp_path / "nd", cfg, ontology, progress=False)
-    pairs = {frozenset((d["path"], d["of"]["path"])) for d in m["rejected"]["near_duplicate"]["details"]}
+    pairs = {frozenset((d["path"], d["of"]["path"])) for d in m.rejected["near_duplicate"]["details"]}
     planted = [f for f in synth.files if f.role == "near_duplicate"]
     assert planted
     for f in planted:

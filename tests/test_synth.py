@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 from echocare_dist.config import ConfigError, load_config
+from echocare_dist.curation.mapping import load_mapping
 from echocare_dist.ontology import Ontology, OntologyError
 from echocare_dist.synth import generate_dataset, plan_dataset
 
@@ -240,8 +241,7 @@ def test_mapping_file_is_valid_and_reproduces_the_ground_truth(synth_dataset, on
 
 
 def test_mapping_loads_in_the_shard_builder(synth_dataset, ontology):
-    mapping = pytest.importorskip("echocare_dist.curation.mapping")
-    sources = {s.name: s for s in mapping.load_mapping(synth_dataset.mapping, ontology)}
+    sources = {s.name: s for s in load_mapping(synth_dataset.mapping, ontology)}
     for f in synth_dataset.files:
         if f.kind in ("image", "video", "dicom"):
             src = sources[f.source]

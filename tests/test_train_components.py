@@ -1,5 +1,6 @@
-"""Pretraining engine components in one process: launcher env, DeepSpeed config, LR schedule,
-checkpoint pointer / pruning / crash safety / compatibility, preemption flag, MLflow, image grid."""
+"""Pretraining engine components in one process: launcher env, DeepSpeed config, LR schedule
+(shared with fine-tuning), peak-FLOPs table, checkpoint pointer / pruning / crash safety /
+compatibility, preemption flag, MLflow, image grid."""
 from __future__ import annotations
 
 import io
@@ -11,7 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from echocare_dist import hardware
 from echocare_dist.config import ConfigError, load_config
+from echocare_dist.finetune import runner as finetune_runner
+from echocare_dist.schedule import warmup_cosine
 from echocare_dist.train import checkpoint as ckpt
 from echocare_dist.train import distributed
 from echocare_dist.train.optim import WarmupCosine, deepspeed_config, scaled_lr
@@ -119,6 +123,66 @@ def test_schedule_resume_keeps_position_but_takes_new_length():
     assert longer.last_epoch == 30
     assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(longer.lr_at(30))
     assert longer.lr_at(30) > s.lr_at(30)  # the extended run decays more slowly
+
+
+@pytest.mark.parametrize("peak,floor,warmup,total", [(1.0, 0.01, 10, 100), (3e-4, 0.0, 0, 37), (2e-3, 1e-5, 7, 7)])
+def test_pretraining_and_finetuning_share_one_schedule(peak, floor, warmup, total):
+    """The DeepSpeed client scheduler, stepped as the engine steps it, writes into the optimizer
+    exactly the LR that fine-tuning sets per step (both through schedule.warmup_cosine)."""
+    assert finetune_runner.warmup_cosine is warmup_cosine
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = WarmupCosine(opt, peak_lr=peak, min_lr=floor, warmup_steps=warmup, total_steps=total)
+    for step in range(total + 3):
+        assert opt.param_groups[0]["lr"] == warmup_cosine(step, peak, floor, warmup, total), step
+        opt.step()
+        sched.step()
+    assert warmup_cosine(total + 5, peak, floor, warmup, total) == pytest.approx(floor)
+    with pytest.raises(ValueError, match="'linear'"):
+        warmup_cosine(0, peak, floor, warmup, total, schedule="linear")
+
+
+# ------------------------------------------------------------------ peak FLOPs table
+@pytest.mark.parametrize("name,key", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200 SXM"), ("NVIDIA H200 NVL", "H200 NVL"), ("NVIDIA GH200 480GB", "GH200"),
+    ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A100-SXM4-40GB", "A100"), ("NVIDIA A100-PCIE-40GB", "A100"),
+    ("NVIDIA A100 80GB PCIe", "A100"), ("NVIDIA B200", "B200"), ("NVIDIA L40S", "L40S"), ("NVIDIA A10", "A10"),
+    ("NVIDIA A10G", None), ("NVIDIA L40", None), ("NVIDIA GeForce RTX 4090", None)])
+def test_device_names_match_their_peak_row(name, key):
+    assert hardware.match_device(name) == key
+
+
+def test_peak_tflops_reads_the_table_for_the_training_precision(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert hardware.peak_tflops(cuda, "bf16") == (756.5, "spec table (H100 PCIe bf16 dense)")
+    matmul = torch.backends.cuda.matmul  # a module-level flag object: monkeypatch cannot restore it
+    allow_tf32 = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        assert hardware.peak_tflops(cuda, "fp32")[0] == 378.0
+        matmul.allow_tf32 = False
+        assert hardware.peak_tflops(cuda, "fp32")[0] == 51.2
+    finally:
+        matmul.allow_tf32 = allow_tf32
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert hardware.peak_tflops(cuda, "bf16")[0] == 989.4   # SXM: not the PCIe row
+    for name, bf16 in (("NVIDIA H200", 989.4), ("NVIDIA B200", 2250.0), ("NVIDIA L40S", 362.05),
+                       ("NVIDIA A100-SXM4-80GB", 312.0)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert hardware.peak_tflops(cuda, "fp16")[0] == bf16, name
+    assert hardware.peak_tflops(cuda, "bf16", configured=123.0) == (123.0, "train.peak_tflops")
+    for row in hardware.PEAK_TFLOPS.values():  # dense tensor-core rates sit above the CUDA-core fp32 one
+        assert set(row) == {"bf16", "fp16", "tf32", "fp32"} and row["bf16"] > row["tf32"] > row["fp32"]
+
+
+def test_peak_tflops_on_cpu_is_a_measurement_that_leaves_the_rng_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    peak, source = hardware.peak_tflops(torch.device("cpu"), "fp32")
+    assert peak > 0 and source == "measured CPU matmul"
+    assert torch.equal(torch.rand(3), expected)
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -250,7 +314,7 @@ def test_signal_sets_flag_and_handlers_are_restored():
 
 # ------------------------------------------------------------------ tracking and images
 def test_flatten_and_tracking_uri(tmp_path, monkeypatch):
-    from echocare_dist.train.tracking import flatten, resolve_tracking_uri
+    from echocare_dist.tracking import flatten, resolve_tracking_uri
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": "1", "a.c": "[1, 2]", "d": "x"}
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri, artifacts = resolve_tracking_uri("", tmp_path)
@@ -263,7 +327,7 @@ def test_flatten_and_tracking_uri(tmp_path, monkeypatch):
 def test_embedded_mlflow_run_is_reopened_on_resume(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from echocare_dist.train.tracking import Tracker
+    from echocare_dist.tracking import Tracker
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     t = Tracker(True, "", "exp", "r", tmp_path)
     run_id = t.start()
@@ -291,7 +355,7 @@ def test_embedded_mlflow_run_is_reopened_on_resume(tmp_path, monkeypatch):
 
 
 def test_unreachable_tracking_server_fails_at_start(tmp_path):
-    from echocare_dist.train.tracking import Tracker, TrackingError
+    from echocare_dist.tracking import Tracker, TrackingError
     t = Tracker(True, "http://127.0.0.1:9", "exp", "", tmp_path)
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:

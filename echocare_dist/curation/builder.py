@@ -6,7 +6,7 @@ Three stages, each restartable:
 2. plan (main process, metadata only): exact dedupe by pixel hash (first in file order wins),
    optional near-dedupe by perceptual hash, counts, a seeded global shuffle, and the cut into
    shards by `shard_max_samples` / `shard_max_bytes`.
-3. write: each shard is written to a temporary name, indexed, then renamed (tario.ShardWriter);
+3. write: each shard is written to a temporary name, indexed, then renamed (shardfmt.ShardWriter);
    a record with its sha256 goes to the staging folder. A rerun skips a shard only if its record
    matches the plan and the tar's and index's sha256 match the record.
 The manifest is written last and is the commit point: it is deleted when a build starts, so a
@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from array import array
 from collections import OrderedDict
@@ -36,37 +35,26 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import _fsync_dir, atomic_write_json
+from ..atomic import _fsync_dir, atomic_write_json, file_sha256
 from ..config import Config, save_resolved
 from ..ontology import Ontology
+from ..shardfmt import (MANIFEST, MANIFEST_FORMAT, SHARD_RE, TAR_BLOCK, TAR_RECORD, Manifest, ShardEntry,
+                        ShardError, ShardWriter, keys_digest, shard_name, tar_member_bytes)
 from .mapping import Source, load_mappings
 from .media import discover
 from .neardup import NearDuplicateIndex
 from .preprocess import FrameParams
 from .stage import ChunkTask, FileTask, init_worker, stage_chunk
-from .tario import ShardWriter, file_sha256
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
 STAGING_NAME = ".staging"
 LOCK_NAME = ".build.lock"
-SHARD_RE = re.compile(r"^shard-(\d{6})\.(tar|idx)$")
 REJECT_REASONS = ("corrupt", "too_few_pixels", "duplicate", "near_duplicate")
-TAR_BLOCK, TAR_RECORD = 512, 10240
 
 
 class CurationError(RuntimeError):
     pass
-
-
-def shard_name(i: int) -> str:
-    return f"shard-{i:06d}.tar"
-
-
-def keys_digest(keys: list[str]) -> str:
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,10 +258,6 @@ def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
                 shards, rejected_out, per_source, per_node, source_detail)
 
 
-def tar_member_bytes(size: np.ndarray | int):
-    return TAR_BLOCK + (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
-
-
 def _cut(order: np.ndarray, lengths: np.ndarray, max_samples: int, max_bytes: int) -> list[np.ndarray]:
     """Consecutive runs of the shuffled order, each within both limits (a sample larger than the
     byte limit gets a shard of its own rather than failing the build)."""
@@ -343,9 +327,7 @@ def write_shard(path: Path, members: np.ndarray, plan: Plan, reader: _BinReader)
             lj, ll, ls = (int(x) for x in plan.lengths[i])
             blob = reader.read(int(plan.chunk[i]), int(plan.offset[i]), lj + ll + ls)
             writer.write(key, {"jpg": blob[:lj], "lbl": blob[lj:lj + ll], "json": blob[lj + ll:]})
-    info = writer.info
-    return {"name": info.name, "samples": info.samples, "bytes": info.bytes, "sha256": info.sha256,
-            "keys_sha256": keys_digest(keys), "idx_sha256": file_sha256(path.with_suffix(".idx"))}
+    return {**writer.entry.to_dict(), "idx_sha256": file_sha256(path.with_suffix(".idx"))}
 
 
 def write_all(plan: Plan, chunks: list[ChunkTask], out_dir: Path, staging: Path, progress: bool) -> list[dict]:
@@ -387,28 +369,17 @@ def _remove_leftovers(out_dir: Path, num_shards: int | None) -> None:
 # ---------------------------------------------------------------------------------------------
 # manifest
 # ---------------------------------------------------------------------------------------------
-def read_manifest(shard_dir: str | os.PathLike) -> dict:
-    path = Path(shard_dir) / MANIFEST
+def _manifest_up_to_date(out_dir: Path, fingerprint: str) -> Manifest | None:
     try:
-        return json.loads(path.read_text())
-    except OSError as exc:
-        raise CurationError(f"{path}: cannot read the shard manifest ({exc.strerror}); "
-                            f"was the build finished?") from exc
-    except ValueError as exc:
-        raise CurationError(f"{path}: invalid JSON: {exc}") from exc
-
-
-def _manifest_up_to_date(out_dir: Path, fingerprint: str) -> dict | None:
-    try:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
+        manifest = Manifest.read(out_dir)
+    except ShardError:
         return None
-    if manifest.get("fingerprint") != fingerprint:
+    if manifest.fingerprint != fingerprint:
         return None
-    for s in manifest.get("shards", []):
-        tar = out_dir / s["name"]
-        if (not tar.is_file() or not tar.with_suffix(".idx").is_file() or tar.stat().st_size != s["bytes"]
-                or file_sha256(tar) != s["sha256"]):
+    for s in manifest.shards:
+        tar = out_dir / s.name
+        if (not tar.is_file() or not tar.with_suffix(".idx").is_file() or tar.stat().st_size != s.bytes
+                or file_sha256(tar) != s.sha256):
             return None
     return manifest
 
@@ -440,7 +411,7 @@ def staging_dir(cfg: Config, out_dir: Path) -> Path:
 
 
 def build_shards(mappings: list[Path], out_dir: Path, cfg: Config, ontology: Ontology,
-                 progress: bool = True) -> dict:
+                 progress: bool = True) -> Manifest:
     """Build (or finish, or confirm) the shards of `mappings` in `out_dir`; returns the manifest."""
     sources = load_mappings([Path(m) for m in mappings], ontology)  # all checks before any work
     out_dir = Path(out_dir).expanduser().resolve()
@@ -449,7 +420,7 @@ def build_shards(mappings: list[Path], out_dir: Path, cfg: Config, ontology: Ont
         return _build(sources, out_dir, cfg, ontology, progress)
 
 
-def _build(sources: list[Source], out_dir: Path, cfg: Config, ontology: Ontology, progress: bool) -> dict:
+def _build(sources: list[Source], out_dir: Path, cfg: Config, ontology: Ontology, progress: bool) -> Manifest:
     c = cfg.curation
     staging = staging_dir(cfg, out_dir)
     inputs = collect_inputs(sources, cfg, ontology, staging, exclude=(out_dir, staging))
@@ -458,7 +429,7 @@ def _build(sources: list[Source], out_dir: Path, cfg: Config, ontology: Ontology
     manifest = _manifest_up_to_date(out_dir, fingerprint)
     if manifest is not None:
         log.info("%s: shards are up to date (%d samples in %d shards)", out_dir,
-                 manifest["num_samples"], len(manifest["shards"]))
+                 manifest.num_samples, len(manifest.shards))
         return manifest
     # The manifest is the commit point: from here on the directory is "being built".
     (out_dir / MANIFEST).unlink(missing_ok=True)
@@ -470,27 +441,27 @@ def _build(sources: list[Source], out_dir: Path, cfg: Config, ontology: Ontology
     records = write_all(plan, inputs.chunks, out_dir, staging, progress)
     _remove_leftovers(out_dir, len(records))
 
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "ontology_hash": ontology.hash,
-        "ontology_nodes": len(ontology),
-        "ontology_names": list(ontology.names),
-        "num_samples": int(sum(r["samples"] for r in records)),
-        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256", "keys_sha256")} for r in records],
-        "per_source": plan.per_source,
-        "per_node": plan.per_node,
-        "rejected": plan.rejected,
-        "sources": plan.source_detail,
-        "files": len(inputs.files),
-        "staged_samples": int(len(plan.keys)),
-        "ignored": {"count": len(inputs.ignored), "paths": inputs.ignored[:100]},
+    manifest = Manifest(
+        ontology_hash=ontology.hash,
+        ontology_nodes=len(ontology),
+        ontology_names=list(ontology.names),
+        num_samples=int(sum(r["samples"] for r in records)),
+        shards=[ShardEntry(*(r[k] for k in ("name", "samples", "bytes", "sha256", "keys_sha256")))
+                for r in records],
+        per_source=plan.per_source,
+        per_node=plan.per_node,
+        rejected=plan.rejected,
+        sources=plan.source_detail,
+        files=len(inputs.files),
+        staged_samples=int(len(plan.keys)),
+        ignored={"count": len(inputs.ignored), "paths": inputs.ignored[:100]},
         # What shaped the content (not how fast or where it was staged): a resumed build with
         # other worker counts still yields an identical manifest.
-        "curation": {k: v for k, v in cfg.to_dict()["curation"].items()
-                     if k not in ("workers", "staging_dir", "chunk_files")},
-        "fingerprint": fingerprint,
-    }
+        curation={k: v for k, v in cfg.to_dict()["curation"].items()
+                  if k not in ("workers", "staging_dir", "chunk_files")},
+        fingerprint=fingerprint,
+    )
     save_resolved(cfg, out_dir)
-    atomic_write_json(out_dir / MANIFEST, manifest)
+    manifest.write(out_dir)
     shutil.rmtree(staging, ignore_errors=True)
     return manifest

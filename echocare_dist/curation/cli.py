@@ -12,7 +12,7 @@ def _ontology_of(cfg):
 
 
 def _build(args) -> int:
-    from ..cli import config_from_args
+    from ..cli_args import config_from_args
     from . import build_shards
     from .report import format_summary
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -21,14 +21,14 @@ def _build(args) -> int:
                             progress=not args.no_progress)
     print(f"shards in {Path(args.out).resolve()}")
     print(format_summary(manifest))
-    if manifest["num_samples"] == 0:
+    if manifest.num_samples == 0:
         print("echocare shards build: error: no usable sample (see 'rejected' in the manifest)", file=sys.stderr)
         return 1
     return 0
 
 
 def _verify(args) -> int:
-    from ..cli import config_from_args
+    from ..cli_args import config_from_args
     from . import verify_shards
     ontology = _ontology_of(config_from_args(args)) if args.config else None
     report = verify_shards(Path(args.shards), ontology, workers=args.workers)
@@ -37,13 +37,13 @@ def _verify(args) -> int:
 
 
 def _inspect(args) -> int:
-    from ..cli import config_from_args
-    from .builder import CurationError, read_manifest
+    from ..cli_args import config_from_args
+    from ..shardfmt import Manifest, ShardError
     from .report import contact_sheet, format_summary
     shard_dir = Path(args.shards)
     try:
-        manifest = read_manifest(shard_dir)
-    except CurationError as exc:
+        manifest = Manifest.read(shard_dir)
+    except ShardError as exc:
         print(f"echocare shards inspect: error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(manifest, top_nodes=args.top))
@@ -55,7 +55,7 @@ def _inspect(args) -> int:
 
 
 def register(sub) -> None:
-    from ..cli import add_config_args
+    from ..cli_args import add_config_args
     p = sub.add_parser("shards", help="build, verify and inspect WebDataset shards")
     ssub = p.add_subparsers(dest="shards_command", required=True)
 

@@ -10,21 +10,20 @@ import numpy as np
 
 from ..atomic import atomic_open
 from ..ontology import Ontology
-from .builder import read_manifest
-from .tario import read_dali_index
+from ..shardfmt import Manifest, ShardReader
 
 
-def format_summary(manifest: dict, top_nodes: int = 12) -> str:
-    shards = manifest.get("shards", [])
-    total = sum(s["bytes"] for s in shards)
-    lines = [f"{manifest['num_samples']} samples in {len(shards)} shards ({total / 2**20:.1f} MiB), "
-             f"ontology {manifest['ontology_hash']} ({manifest['ontology_nodes']} nodes)"]
-    sources = manifest.get("sources") or [{"name": k, "samples": v} for k, v in manifest["per_source"].items()]
+def format_summary(manifest: Manifest, top_nodes: int = 12) -> str:
+    shards = manifest.shards
+    total = sum(s.bytes for s in shards)
+    lines = [f"{manifest.num_samples} samples in {len(shards)} shards ({total / 2**20:.1f} MiB), "
+             f"ontology {manifest.ontology_hash} ({manifest.ontology_nodes} nodes)"]
+    sources = manifest.sources or [{"name": k, "samples": v} for k, v in manifest.per_source.items()]
     width = max([len(s["name"]) for s in sources] + [6])
     lines.append(f"  {'source':<{width}}  {'files':>7}  {'samples':>8}  {'rejected':>8}")
     for s in sources:
         lines.append(f"  {s['name']:<{width}}  {s.get('files', ''):>7}  {s['samples']:>8}  {s.get('rejected', ''):>8}")
-    rejected = manifest.get("rejected", {})
+    rejected = manifest.rejected
     lines.append("  rejected: " + (", ".join(f"{r} {v['count']}" for r, v in rejected.items()) or "none"))
     for reason, v in rejected.items():
         for item in v.get("details", [])[:3]:
@@ -33,18 +32,18 @@ def format_summary(manifest: dict, top_nodes: int = 12) -> str:
                 f"of {of['path']}" + (f" frame {of['frame']}" if of.get("frame") is not None else "") if of else "")
             frame = f" frame {item['frame']}" if item.get("frame") is not None else ""
             lines.append(f"    {reason}: {item['path']}{frame}: {why}")
-    ignored = manifest.get("ignored", {}).get("count", 0)
+    ignored = (manifest.ignored or {}).get("count", 0)
     if ignored:
         lines.append(f"  ignored {ignored} non-media file(s)")
-    nodes = sorted(((v, k) for k, v in manifest.get("per_node", {}).items() if v), reverse=True)
+    nodes = sorted(((v, k) for k, v in manifest.per_node.items() if v), reverse=True)
     if nodes:
         lines.append("  positives per node: " + ", ".join(f"{k} {v}" for v, k in nodes[:top_nodes])
                      + (f", ... ({len(nodes) - top_nodes} more)" if len(nodes) > top_nodes else ""))
     return "\n".join(lines)
 
 
-def _pick_samples(shard_dir: Path, manifest: dict, n: int, seed: int):
-    counts = [s["samples"] for s in manifest["shards"]]
+def _pick_samples(shard_dir: Path, manifest: Manifest, n: int, seed: int):
+    counts = [s.samples for s in manifest.shards]
     total = sum(counts)
     chosen = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
     starts = np.cumsum([0] + counts)
@@ -53,16 +52,9 @@ def _pick_samples(shard_dir: Path, manifest: dict, n: int, seed: int):
         s = int(np.searchsorted(starts, g, side="right") - 1)
         by_shard.setdefault(s, []).append(int(g - starts[s]))
     for s, positions in by_shard.items():
-        tar = shard_dir / manifest["shards"][s]["name"]
-        index = read_dali_index(tar.with_suffix(".idx"))
-        with open(tar, "rb") as fh:
+        with ShardReader(shard_dir / manifest.shards[s].name) as reader:
             for pos in positions:
-                key, comps = index[pos]
-                data = {}
-                for ext, (off, size) in comps.items():
-                    fh.seek(off)
-                    data[ext] = fh.read(size)
-                yield key, data
+                yield reader.samples[pos].key, reader.read(pos)
 
 
 def contact_sheet(shard_dir: str | Path, out_png: str | Path, num: int = 16, ontology: Ontology | None = None,
@@ -71,7 +63,7 @@ def contact_sheet(shard_dir: str | Path, out_png: str | Path, num: int = 16, ont
     from PIL import Image, ImageDraw, ImageFont
 
     shard_dir = Path(shard_dir)
-    manifest = read_manifest(shard_dir)
+    manifest = Manifest.read(shard_dir)
     samples = list(_pick_samples(shard_dir, manifest, num, seed))
     if not samples:
         raise ValueError(f"{shard_dir}: no samples to show")

@@ -13,7 +13,6 @@ Checks, each reported as a readable problem rather than an exception:
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -23,13 +22,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..atomic import file_sha256
 from ..ontology import Ontology
-from .builder import MANIFEST, SHARD_RE, keys_digest
-from .tario import SAMPLE_EXTS, dali_index_lines, file_sha256, read_dali_index
+from ..shardfmt import (PROVENANCE_KEYS, SAMPLE_EXTS, SAMPLE_KEY_RE, SHARD_RE, Manifest, SampleError, ShardEntry,
+                        ShardError, ShardReader, index_text, keys_digest)
 
-KEY_RE = re.compile(r"^[0-9a-f]{16}$")
-PROVENANCE_KEYS = ("source", "path", "frame", "labels", "width", "height", "crop", "ontology_hash")
-MANIFEST_KEYS = ("ontology_hash", "ontology_nodes", "num_samples", "shards", "per_source", "per_node", "rejected")
 MAX_PROBLEMS_PER_SHARD = 20
 
 
@@ -61,17 +58,7 @@ class VerifyReport:
         return self
 
 
-def _tar_header_name_size(header: bytes) -> tuple[str, int]:
-    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-    raw = header[124:136]
-    if raw[0] & 0x80:  # GNU base-256 size
-        size = int.from_bytes(raw[1:], "big")
-    else:
-        size = int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
-    return name, size
-
-
-def verify_shard(tar: Path, entry: dict, num_nodes: int, ontology_hash: str,
+def verify_shard(tar: Path, entry: ShardEntry, num_nodes: int, ontology_hash: str,
                  ontology: Ontology | None) -> dict:
     """Check one tar + index against its manifest entry; returns problems and what it holds."""
     problems: list[str] = []
@@ -86,28 +73,29 @@ def verify_shard(tar: Path, entry: dict, num_nodes: int, ontology_hash: str,
         problems.append(f"{name}: index {idx.name} missing")
         return out
     size = tar.stat().st_size
-    if size != entry.get("bytes"):
-        problems.append(f"{name}: {size} bytes, manifest says {entry.get('bytes')}")
-    if file_sha256(tar) != entry.get("sha256"):
+    if size != entry.bytes:
+        problems.append(f"{name}: {size} bytes, manifest says {entry.bytes}")
+    if file_sha256(tar) != entry.sha256:
         problems.append(f"{name}: sha256 differs from the manifest")
     try:
-        expected_idx = "\n".join(dali_index_lines(tar)) + "\n"
+        expected_idx = index_text(tar)
     except Exception as exc:  # noqa: BLE001 - an unreadable tar is a finding, not a crash
         problems.append(f"{name}: cannot read as a tar: {type(exc).__name__}: {exc}")
         return out
-    if idx.read_text() != expected_idx:
+    if idx.read_bytes() != expected_idx.encode():
         problems.append(f"{idx.name}: differs from the index of {name} (as wds2idx would write it)")
+    reader = ShardReader(tar, idx)
     try:
-        samples = read_dali_index(idx)
-    except ValueError as exc:
+        samples = reader.samples
+    except ShardError as exc:
         problems.append(str(exc))
         return out
     out["samples"] = len(samples)
-    if len(samples) != entry.get("samples"):
-        problems.append(f"{name}: {len(samples)} samples, manifest says {entry.get('samples')}")
-    keys = [k for k, _ in samples]
+    if len(samples) != entry.samples:
+        problems.append(f"{name}: {len(samples)} samples, manifest says {entry.samples}")
+    keys = [s.key for s in samples]
     out["keys"] = keys
-    if "keys_sha256" in entry and keys_digest(keys) != entry["keys_sha256"]:
+    if entry.keys_sha256 is not None and keys_digest(keys) != entry.keys_sha256:
         problems.append(f"{name}: sample keys differ from the manifest")
 
     def bad(msg: str) -> None:
@@ -116,22 +104,24 @@ def verify_shard(tar: Path, entry: dict, num_nodes: int, ontology_hash: str,
         elif len(problems) == MAX_PROBLEMS_PER_SHARD:
             problems.append(f"{name}: further problems not listed")
 
-    with open(tar, "rb") as fh:
-        for key, comps in samples:
-            if not KEY_RE.match(key or ""):
+    with reader:
+        for key, comps, _ in samples:
+            if not SAMPLE_KEY_RE.match(key or ""):
                 bad(f"key {key!r} is not 16 hex characters")
             missing = [e for e in SAMPLE_EXTS if e not in comps]
             if missing:
                 bad(f"sample {key} lacks {missing}")
                 continue
             data = {}
-            for ext, (offset, length) in comps.items():
-                fh.seek(offset - 512)
-                header = fh.read(512)
-                member, member_size = _tar_header_name_size(header)
-                if member != f"{key}.{ext}" or member_size != length:
-                    bad(f"index entry {key}.{ext} at {offset} points at {member!r} ({member_size} bytes)")
-                data[ext] = fh.read(length)
+            try:
+                for ext, (offset, length) in comps.items():
+                    member, member_size = reader.member_at(offset)
+                    if member != f"{key}.{ext}" or member_size != length:
+                        bad(f"index entry {key}.{ext} at {offset} points at {member!r} ({member_size} bytes)")
+                    data[ext] = reader.read_at(offset, length, f"{name}/{key}.{ext}")
+            except SampleError as exc:
+                bad(str(exc))
+                continue
             try:
                 prov = json.loads(data["json"])
             except ValueError as exc:
@@ -180,28 +170,21 @@ def verify_shards(shard_dir: Path, ontology: Ontology | None = None, workers: in
     report = VerifyReport(shard_dir)
     problems = report.problems
     try:
-        manifest = json.loads((shard_dir / MANIFEST).read_text())
-    except OSError as exc:
-        problems.append(f"{MANIFEST}: cannot read ({exc.strerror}); an unfinished or interrupted build?")
+        manifest = Manifest.read(shard_dir)
+    except ShardError as exc:
+        problems.append(str(exc))
         return report
-    except ValueError as exc:
-        problems.append(f"{MANIFEST}: invalid JSON ({exc})")
-        return report
-    missing = [k for k in MANIFEST_KEYS if k not in manifest]
-    if missing:
-        problems.append(f"{MANIFEST}: missing key(s) {missing}")
-        return report
-    onto_hash, num_nodes = manifest["ontology_hash"], int(manifest["ontology_nodes"])
+    onto_hash, num_nodes = manifest.ontology_hash, manifest.ontology_nodes
     if ontology is not None and ontology.hash != onto_hash:
         problems.append(f"ontology hash {ontology.hash} of the given ontology != {onto_hash} of the shards "
                         f"({len(ontology)} vs {num_nodes} nodes); label checks use the manifest only")
         ontology = None  # every label would 'differ': one clear problem instead of thousands
 
-    listed = [s["name"] for s in manifest["shards"]]
+    listed = [s.name for s in manifest.shards]
     on_disk = sorted(p.name for p in shard_dir.iterdir() if SHARD_RE.match(p.name) and p.suffix == ".tar")
     for extra in sorted(set(on_disk) - set(listed)):
         problems.append(f"{extra}: on disk but not in the manifest")
-    jobs = [(shard_dir / s["name"], s, num_nodes, onto_hash, ontology) for s in manifest["shards"]]
+    jobs = [(shard_dir / s.name, s, num_nodes, onto_hash, ontology) for s in manifest.shards]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
             results = list(pool.map(_verify_shard_star, jobs))
@@ -221,15 +204,15 @@ def verify_shards(shard_dir: Path, ontology: Ontology | None = None, workers: in
                 problems.append(f"key {key} appears in {seen[key]} and {job[0].name}")
             seen.setdefault(key, job[0].name)
     report.num_shards = len(jobs)
-    if report.num_samples != manifest["num_samples"]:
-        problems.append(f"{report.num_samples} samples in the shards, manifest says {manifest['num_samples']}")
-    names = manifest.get("ontology_names") or (list(ontology.names) if ontology is not None else None)
+    if report.num_samples != manifest.num_samples:
+        problems.append(f"{report.num_samples} samples in the shards, manifest says {manifest.num_samples}")
+    names = manifest.ontology_names or (list(ontology.names) if ontology is not None else None)
     if names is not None and len(names) == num_nodes:
         recount = {n: int(v) for n, v in zip(names, positives)}
-        diff = [n for n in names if recount[n] != manifest["per_node"].get(n, 0)]
+        diff = [n for n in names if recount[n] != manifest.per_node.get(n, 0)]
         if diff:
             problems.append(f"per_node counts differ from the samples for {diff[:10]}")
-    manifest_sources = {k: v for k, v in manifest["per_source"].items() if v}
+    manifest_sources = {k: v for k, v in manifest.per_source.items() if v}
     if dict(per_source) != manifest_sources:
         problems.append(f"per_source counts {dict(per_source)} differ from the manifest {manifest_sources}")
     return report

@@ -1,4 +1,4 @@
-"""DALI loader: webdataset reader -> JPEG decode (GPU "mixed" or CPU) -> SPEC 5 augmentation.
+"""DALI reader: webdataset reader -> JPEG decode (GPU "mixed" or CPU) -> SPEC 5 augmentation.
 
 One pipeline definition; `data.device` picks where decoding, cropping/resizing and flips run
 ("auto": the GPU when the training device is CUDA). DALI also draws the brightness/contrast
@@ -7,12 +7,12 @@ One pipeline per epoch (built in well under a second, nothing next to an epoch):
 shards.py fixes its tar order and rank range, `stick_to_shard` keeps it there, and the loader stops
 it after `steps_per_epoch` batches.
 
-Resume: the pipeline runs with `enable_checkpointing`; the loader state carries
+Resume: the pipeline runs with `enable_checkpointing`; the reader state carries
 `pipeline.checkpoint()` (reader position, shuffle buffer, every RNG) and the pipeline is rebuilt
 from it with `Pipeline(checkpoint=...)`, so a resumed run produces the same samples with the same
 augmentations.
 
-Damaged data: a sample that fails to decode kills a DALI pipeline (no skip option). The loader
+Damaged data: a sample that fails to decode kills a DALI pipeline (no skip option). The reader
 catches the failure, finds the shard and key (from DALI's message, which names the sample's
 source; else by CPU-decoding the samples that were in flight), records them in
 {run_dir}/quarantine.json, rebuilds the epoch's pipeline without that shard and goes on. The epoch
@@ -23,15 +23,19 @@ epoch on (they read quarantine.json at each epoch start).
 from __future__ import annotations
 
 import base64
+import logging
 import re
 
 import numpy as np
 import torch
 
+from ..shardfmt import split_name
 from .augment import AugmentParams, decode_gray
-from .loader import PretrainLoader, log
+from .contracts import RawBatch, ReaderContext
+from .placement import decode_on_gpu
 from .shards import DataLoaderError, EpochPlan, SampleError, ShardError, TarReader, derive_seed
-from ..curation.tario import split_name
+
+log = logging.getLogger(__name__)
 
 # DALI names the failing sample's source as "<tar>:<offset>:<member>".
 _FAILED_SAMPLE = re.compile(r"sample #\d+ : (?P<source>.+\.tar:\d+:\S+)\s*$", re.M)
@@ -83,20 +87,22 @@ def build_pipeline(*, paths, index_paths, shard_id: int, num_shards: int, aug: A
     return pipe
 
 
-class DaliLoader(PretrainLoader):
+class DaliReader:
+    """The `Reader` (contracts.py) of data.loader=dali: one DALI pipeline per epoch."""
+
     kind = "dali"
 
-    def __init__(self, cfg, ontology, *, rank, world_size, device, run_dir):
-        super().__init__(cfg, ontology, rank=rank, world_size=world_size, device=device, run_dir=run_dir)
-        d = cfg.data
-        on_gpu = d.device == "gpu" or (d.device == "auto" and self.device.type == "cuda" and torch.cuda.is_available())
+    def __init__(self, ctx: ReaderContext):
+        self.ctx = ctx
+        on_gpu = decode_on_gpu(ctx.cfg.data, ctx.device)
         if on_gpu and not torch.cuda.is_available():
             raise DataLoaderError("data.device=gpu but CUDA is not available; use data.device=cpu or auto")
         self.decode_device = "mixed" if on_gpu else "cpu"
-        self._device_id = (self.device.index if self.device.type == "cuda" and self.device.index is not None
+        self._device_id = (ctx.device.index if ctx.device.type == "cuda" and ctx.device.index is not None
                            else torch.cuda.current_device()) if on_gpu else None
+        self._plan: EpochPlan | None = None       # the epoch being read, as the loader planned it
         self._pipe = None
-        self._pipe_plan: EpochPlan | None = None
+        self._pipe_plan: EpochPlan | None = None  # what the current pipeline reads: the plan minus _extra
         self._extra: set[str] = set()   # shards quarantined during this epoch (pipeline rebuilt without)
         self._generation = 0            # rebuilds in this epoch, part of the pipeline seed
         self._pipe_steps = 0            # batches produced by the current pipeline
@@ -109,18 +115,18 @@ class DaliLoader(PretrainLoader):
     def _build(self, checkpoint=None) -> None:
         """(Re)build this epoch's pipeline without the shards quarantined so far. A shard whose index
         and tar disagree fails the build itself: it is quarantined and the build retried."""
-        d = self.cfg.data
+        ctx, d = self.ctx, self.ctx.cfg.data
         self._pipe = None  # release the old pipeline (and its memory) before the new one allocates
         while True:
             plan = self._plan.without(self._extra) if self._extra else self._plan
-            parts = (d.seed, plan.epoch, self.world_size, self.rank, self._generation)
+            parts = (d.seed, plan.epoch, ctx.world_size, ctx.rank, self._generation)
             try:
                 self._pipe = build_pipeline(
                     paths=[str(s.tar) for s in plan.shards], index_paths=[str(s.idx) for s in plan.shards],
-                    shard_id=self.rank, num_shards=self.world_size, aug=self.aug, decode_device=self.decode_device,
+                    shard_id=ctx.rank, num_shards=ctx.world_size, aug=ctx.aug, decode_device=self.decode_device,
                     hw_decoder_load=d.hw_decoder_load, shuffle_buffer=d.shuffle_buffer,
                     reader_seed=derive_seed("dali-reader", *parts), use_mmap=d.use_mmap,
-                    batch_size=self.micro_batch, num_threads=max(1, d.num_threads), device_id=self._device_id,
+                    batch_size=ctx.micro_batch, num_threads=max(1, d.num_threads), device_id=self._device_id,
                     seed=derive_seed("dali", *parts), prefetch=d.prefetch, checkpoint=checkpoint)
             except RuntimeError as exc:
                 damage = None if checkpoint is not None else self._damage_from_message(str(exc), plan)
@@ -131,60 +137,63 @@ class DaliLoader(PretrainLoader):
             self._pipe_plan = plan
             return
 
-    def _start_reader(self, resume) -> None:
-        self._seen = set()
-        if resume:
-            self._extra, self._generation = set(resume["extra"]), int(resume["generation"])
-            self._pipe_steps = int(resume["pipe_steps"])
+    def start(self, plan: EpochPlan, position: int, state: dict | None) -> int:
+        self._plan, self._seen = plan, set()
+        if state:
+            self._extra, self._generation = set(state["extra"]), int(state["generation"])
+            self._pipe_steps = int(state["pipe_steps"])
             try:
-                self._build(base64.b64decode(resume["checkpoint"]))
-                return
+                self._build(base64.b64decode(state["checkpoint"]))
+                return position
             except (RuntimeError, ValueError, KeyError) as exc:
                 log.warning("rank %d: cannot restore the DALI checkpoint (%s): restarting epoch %d from its "
-                            "first step", self.rank, str(exc).splitlines()[0] if str(exc) else exc, self.epoch)
-                self.position = 0
+                            "first step", self.ctx.rank, str(exc).splitlines()[0] if str(exc) else exc, plan.epoch)
+                position = 0
         self._extra, self._generation, self._pipe_steps = set(), 0, 0
         self._build()
+        return position
 
-    def _stop_reader(self) -> None:
+    def stop(self) -> None:
         self._pipe = None
         self._pipe_plan = None
         self._seen = set()
 
-    def _reader_state(self):
+    def state(self) -> dict:
         return {"extra": sorted(self._extra), "generation": self._generation, "pipe_steps": self._pipe_steps,
                 "checkpoint": base64.b64encode(self._pipe.checkpoint()).decode("ascii")}
 
-    def _reader_state_compatible(self, reader_state) -> bool:
-        return reader_state is None or {"extra", "generation", "pipe_steps", "checkpoint"} <= set(reader_state)
+    def compatible(self, state: dict | None) -> bool:
+        return state is None or {"extra", "generation", "pipe_steps", "checkpoint"} <= set(state)
 
     # ------------------------------------------------------------------ batches
-    def _next_raw(self):
+    def next_batch(self, position: int) -> RawBatch:
         while True:
             try:
                 images, jitter, lbl, source = self._pipe.run()
             except RuntimeError as exc:
-                self._recover(str(exc))
+                self.recover(str(exc), position)
                 continue
             sources = [parse_source_info(bytes(np.asarray(source.at(i))).decode()) for i in range(len(source))]
             labels = self._labels(lbl)
             if isinstance(labels, list):  # some .lbl of the wrong size: that shard is damaged
-                self._quarantine_damage([(sources[i][0], sources[i][1], reason) for i, reason in labels])
+                self._quarantine_damage([(sources[i][0], sources[i][1], reason) for i, reason in labels], position)
                 continue
             keys = [key for _, key in sources]
             self._pipe_steps += 1
             self._seen.update(keys)
-            return (self._to_torch(images), torch.from_numpy(np.array(jitter.as_array(), np.float32)), labels, keys)
+            return RawBatch(self._to_torch(images), torch.from_numpy(np.array(jitter.as_array(), np.float32)),
+                            labels, keys)
 
     def _labels(self, lbl) -> np.ndarray | list[tuple[int, str]]:
         """int8 (B, C), or [(sample, reason)] for the samples whose label has the wrong length."""
+        num_classes = self.ctx.num_classes
         if lbl.is_dense_tensor():
             arr = np.asarray(lbl.as_array())
-            if arr.ndim == 2 and arr.shape[1] == self.num_classes:
+            if arr.ndim == 2 and arr.shape[1] == num_classes:
                 return arr.view(np.int8).copy()
         sizes = [int(np.asarray(lbl.at(i)).size) for i in range(len(lbl))]
-        return [(i, f"label has {n} bytes, the ontology has {self.num_classes} nodes")
-                for i, n in enumerate(sizes) if n != self.num_classes]
+        return [(i, f"label has {n} bytes, the ontology has {num_classes} nodes")
+                for i, n in enumerate(sizes) if n != num_classes]
 
     def _to_torch(self, images) -> torch.Tensor:
         """The pipeline's uint8 (B, S, S, 1) batch as a torch (B, 1, S, S) tensor (a copy: DALI reuses
@@ -201,41 +210,43 @@ class DaliLoader(PretrainLoader):
         return out.permute(0, 3, 1, 2)                   # C = 1: still contiguous
 
     # ------------------------------------------------------------------ damaged data
-    def _recover(self, message: str) -> None:
+    def recover(self, message: str, position: int) -> None:
+        """After the pipeline failed with `message` while producing batch `position`: quarantine the
+        damaged shard and rebuild the pipeline without it."""
         damage = self._damage_from_message(message, self._pipe_plan) or self._scan_in_flight()
         if not damage:
             raise DataLoaderError(
-                f"rank {self.rank}: the DALI pipeline failed in epoch {self.epoch} at step {self.position} and "
-                f"no damaged shard could be identified (the samples in flight decode on the CPU): "
+                f"rank {self.ctx.rank}: the DALI pipeline failed in epoch {self._plan.epoch} at step {position} "
+                f"and no damaged shard could be identified (the samples in flight decode on the CPU): "
                 f"{_summary(message)}")
-        self._quarantine_damage(damage)
+        self._quarantine_damage(damage, position)
 
-    def _quarantine_damage(self, damage: list[tuple[str, str | None, str]]) -> None:
+    def _quarantine_damage(self, damage: list[tuple[str, str | None, str]], position: int) -> None:
         self._note_damage(damage)
         log.warning("rank %d: rebuilding the DALI pipeline without %s for the remaining %d steps of epoch %d",
-                    self.rank, sorted(self._extra), self._plan.steps - self.position, self.epoch)
+                    self.ctx.rank, sorted(self._extra), self._plan.steps - position, self._plan.epoch)
         self._build()
 
     def _note_damage(self, damage: list[tuple[str, str | None, str]]) -> None:
         """Record (tar path, key, reason) entries and leave their shards out of this epoch's pipeline."""
+        ctx, epoch = self.ctx, self._plan.epoch
         found, samples = {}, []
         for path, key, reason in damage:
-            shard = self.shard_set.shard_of_path(path)
+            shard = ctx.shard_set.shard_of_path(path)
             if shard is None:
-                raise DataLoaderError(f"DALI reported damage in {path}, which is not a shard of {self.shard_set.root}")
+                raise DataLoaderError(f"DALI reported damage in {path}, which is not a shard of {ctx.shard_set.root}")
             found.setdefault(shard.name, {"reason": reason, **({"key": key} if key else {})})
             if key:
                 samples.append((shard.name, key, reason))
         already = set(self._plan.excluded) | self._extra
         if not set(found) - already:  # would rebuild the same pipeline forever
-            raise DataLoaderError(f"rank {self.rank}: DALI keeps failing on already quarantined shard(s) "
+            raise DataLoaderError(f"rank {ctx.rank}: DALI keeps failing on already quarantined shard(s) "
                                   f"{sorted(found)}: {damage[0][2]}")
-        self._record_samples(samples)
-        if not samples:  # a damaged tar/index: no single sample to blame, count the event once per shard
-            self.bad_samples += len(set(found) - already)
-        self._record_shards({k: v for k, v in found.items() if k not in already})
+        ctx.quarantine.record_samples(samples, epoch)
+        ctx.quarantine.record_shards({k: v for k, v in found.items() if k not in already}, epoch,
+                                     count_as_bad_samples=not samples)
         self._extra |= set(found)
-        self._check_quarantine_limit(set(self._plan.excluded) | self._extra)
+        ctx.quarantine.check_limit(set(self._plan.excluded) | self._extra)
         self._generation += 1
         self._pipe_steps = 0
 
@@ -253,7 +264,7 @@ class DaliLoader(PretrainLoader):
             for s in plan.shards:
                 if str(s.tar) in message or str(s.idx) in message:
                     damage.append((str(s.tar), None, _summary(message)))
-        return [d for d in damage if self.shard_set.shard_of_path(d[0]) is not None]
+        return [d for d in damage if self.ctx.shard_set.shard_of_path(d[0]) is not None]
 
     def _scan_in_flight(self) -> list[tuple[str, str | None, str]]:
         """CPU-decode the samples the reader may have handed to the decoder and not yet returned.
@@ -261,9 +272,9 @@ class DaliLoader(PretrainLoader):
         The reader reads the rank's range in order through a shuffle buffer of `shuffle_buffer`
         samples and runs up to `prefetch` batches (+ its own and the decoder's) ahead."""
         plan = self._pipe_plan
-        d = self.cfg.data
-        horizon = (self._pipe_steps + d.prefetch + 3) * self.micro_batch + max(d.shuffle_buffer, 1)
-        reader = TarReader(self.num_classes)
+        d = self.ctx.cfg.data
+        horizon = (self._pipe_steps + d.prefetch + 3) * self.ctx.micro_batch + max(d.shuffle_buffer, 1)
+        reader = TarReader(self.ctx.num_classes)
         damage = []
         try:
             for seg in plan.segments(plan.start, min(plan.end, plan.start + horizon)):

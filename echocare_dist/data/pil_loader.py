@@ -1,4 +1,4 @@
-"""Fallback loader: the webdataset shards read with PIL in torch DataLoader workers.
+"""PIL reader (data.loader=pil): the fallback, the shards read with PIL in torch DataLoader workers.
 
 For machines without DALI, and as the reference the DALI path is tested against: same epoch plan
 (shards.py), same augmentation definition (augment.py), same masks and labels.
@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .augment import AugmentParams, augment, decode_gray
-from .loader import PretrainLoader
+from .contracts import RawBatch, ReaderContext
 from .masking import sample_stream_ids
 from .shards import DataLoaderError, EpochPlan, SampleError, ShardError, TarReader, buffer_shuffle, derive_seed
 
@@ -74,6 +74,7 @@ class EpochStreams(IterableDataset):
             raise DataLoaderError(f"rank {self.plan.rank}: stream {stream} of epoch {self.plan.epoch} has no samples")
         p = self.plan
         for pass_no in range(1 << 30):
+            # "wds-shuffle": the reader's name when it was written; renaming it would change every order.
             rng = np.random.default_rng(derive_seed("wds-shuffle", self.seed, p.epoch, p.world_size, p.rank,
                                                     stream, pass_no, bits=63))
             for shard, i in buffer_shuffle(refs, self.shuffle_buffer, rng):
@@ -132,59 +133,63 @@ class EpochStreams(IterableDataset):
             reader.close()
 
 
-class PilLoader(PretrainLoader):
-    kind = "wds"
+class PilReader:
+    """The `Reader` (contracts.py) of data.loader=pil: `EpochStreams` in data.num_threads workers."""
 
-    def __init__(self, cfg, ontology, *, rank, world_size, device, run_dir):
-        super().__init__(cfg, ontology, rank=rank, world_size=world_size, device=device, run_dir=run_dir)
+    kind = "pil"
+
+    def __init__(self, ctx: ReaderContext):
+        self.ctx = ctx
+        self._plan: EpochPlan | None = None
         self._it = None
         self._streams = 0
 
     def describe(self) -> str:
-        n = self.cfg.data.num_threads
-        return f"webdataset-format fallback (PIL, {n} worker{'s' if n != 1 else ''})" if n else \
-            "webdataset-format fallback (PIL, in-process)"
+        n = self.ctx.cfg.data.num_threads
+        return f"PIL fallback ({n} worker{'s' if n != 1 else ''})" if n else "PIL fallback (in-process)"
 
-    def _num_streams(self) -> int:
-        return max(1, min(self.cfg.data.num_threads, self._plan.steps))
-
-    def _start_reader(self, resume) -> None:
-        d = self.cfg.data
-        self._streams = self._num_streams()
-        known_bad = self._bad_keys | self._known("samples")
-        ds = EpochStreams(self._plan, self._streams, self.position, known_bad, self.aug, self.num_classes,
-                          d.shuffle_buffer, d.seed)
+    def start(self, plan: EpochPlan, position: int, state: dict | None) -> int:
+        # No reader state to apply: the streams of `plan` skip the first `position` batches by
+        # themselves (see EpochStreams); `compatible` refused states of other stream layouts.
+        ctx, d = self.ctx, self.ctx.cfg.data
+        self._streams = max(1, min(d.num_threads, plan.steps))
+        ds = EpochStreams(plan, self._streams, position, ctx.quarantine.known_bad_samples(), ctx.aug,
+                          ctx.num_classes, d.shuffle_buffer, d.seed)
         if d.num_threads == 0:
             self._it = iter(ds)
-            return
-        remaining = self._plan.steps - self.position
-        loader = DataLoader(ds, batch_size=None, num_workers=self._streams, prefetch_factor=d.prefetch,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False,
-                            worker_init_fn=functools.partial(_ignore_signals, self.cfg.train.preempt_signals))
-        self._it = iter(loader) if remaining > 0 else iter(())
+        elif position >= plan.steps:
+            self._it = iter(())
+        else:
+            self._it = iter(DataLoader(
+                ds, batch_size=None, num_workers=self._streams, prefetch_factor=d.prefetch,
+                pin_memory=ctx.device.type == "cuda", persistent_workers=False,
+                worker_init_fn=functools.partial(_ignore_signals, ctx.cfg.train.preempt_signals)))
+        self._plan = plan
+        return position
 
-    def _stop_reader(self) -> None:
+    def stop(self) -> None:
         it, self._it = self._it, None
-        shutdown = getattr(it, "_shutdown_workers", None)
+        shutdown = getattr(it, "_shutdown_workers", None)   # in-process and empty iterators have none
         if shutdown is not None:
             shutdown()
 
-    def _reader_state(self):
-        return {"streams": self._streams, "num_threads": self.cfg.data.num_threads}
+    def state(self) -> dict:
+        return {"streams": self._streams, "num_threads": self.ctx.cfg.data.num_threads}
 
-    def _reader_state_compatible(self, reader_state) -> bool:
+    def compatible(self, state: dict | None) -> bool:
         # The streams (and so the order within the epoch) depend on the worker count.
-        return reader_state is None or reader_state.get("num_threads") == self.cfg.data.num_threads
+        return state is None or state.get("num_threads") == self.ctx.cfg.data.num_threads
 
-    def _next_raw(self):
+    def next_batch(self, position: int) -> RawBatch:
+        plan = self._plan
         try:
             batch = next(self._it)
         except StopIteration:
-            raise DataLoaderError(f"rank {self.rank}: the fallback loader ran dry at step {self.position} of "
-                                  f"{self._plan.steps} in epoch {self.epoch}") from None
-        if batch["index"] != self.position:
-            raise DataLoaderError(f"rank {self.rank}: batch {batch['index']} arrived at step {self.position} "
+            raise DataLoaderError(f"rank {self.ctx.rank}: the PIL fallback ran dry at step {position} of "
+                                  f"{plan.steps} in epoch {plan.epoch}") from None
+        if batch["index"] != position:
+            raise DataLoaderError(f"rank {self.ctx.rank}: batch {batch['index']} arrived at step {position} "
                                   f"(DataLoader worker order broken)")
         if batch["bad"]:
-            self._record_samples(batch["bad"])
-        return batch["images"], batch["jitter"], batch["labels"], batch["keys"]
+            self.ctx.quarantine.record_samples(batch["bad"], plan.epoch)
+        return RawBatch(batch["images"], batch["jitter"], batch["labels"], batch["keys"])

@@ -1,4 +1,4 @@
-"""The shard set a loader reads, the per-epoch sample plan, and the quarantine of damaged shards.
+"""The shard set a loader reads (checked against the run's ontology) and the per-epoch sample plan.
 
 Both loaders (DALI and the webdataset-format fallback) take their epoch layout from `make_plan`,
 so they split the data the same way:
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,13 +23,10 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..curation.tario import INDEX_VERSION, split_name
+from ..shardfmt import MANIFEST, Manifest, SampleError, ShardError, ShardReader, read_index
 
-MANIFEST = "manifest.json"
-
-
-class ShardError(ValueError):
-    """The shard directory cannot be used as it is; the message names the file and the value."""
+__all__ = ["ShardSet", "ShardIndex", "TarReader", "Shard", "EpochPlan", "Segment", "make_plan", "epoch_order",
+           "buffer_shuffle", "derive_seed", "DataLoaderError", "ShardError", "SampleError"]
 
 
 class DataLoaderError(RuntimeError):
@@ -57,45 +53,23 @@ class Shard:
 
 @dataclass(frozen=True)
 class ShardIndex:
-    """One tar's samples as listed by its DALI index: key, and (offset, size) of jpg and lbl."""
+    """One tar's samples as its DALI index lists them (shardfmt.read_index), in the loaders' form:
+    keys, and (offset, size) of jpg and lbl as arrays."""
     keys: tuple[str, ...]
     jpg: np.ndarray   # int64 (n, 2)
     lbl: np.ndarray   # int64 (n, 2); size -1 when the sample has no .lbl
 
     @classmethod
     def read(cls, path: Path) -> "ShardIndex":
-        try:
-            lines = path.read_text().splitlines()
-        except OSError as exc:
-            raise ShardError(f"cannot read index {path}: {exc.strerror}") from exc
-        header = lines[0].split() if lines else []
-        if len(header) != 2 or not header[0].startswith("v1.") or not header[1].isdigit():
-            raise ShardError(f"{path}: not a DALI webdataset index (first line {lines[:1]!r})")
-        named = header[0] == INDEX_VERSION  # v1.2 lists the member name after offset and size
-        width = 4 if named else 3
+        path = Path(path)
         keys, jpg, lbl = [], [], []
-        for lineno, line in enumerate(lines[1:], start=2):
-            tok = line.split()
-            if not tok:
-                continue
-            if len(tok) % width:
-                raise ShardError(f"{path}:{lineno}: malformed index line {line[:120]!r}")
-            entry_jpg, entry_lbl, key = None, (0, -1), None
-            for i in range(0, len(tok), width):
-                ext, off, size = tok[i], int(tok[i + 1]), int(tok[i + 2])
-                if named and key is None:
-                    key = split_name(tok[i + 3])[0]
-                if ext == "jpg":
-                    entry_jpg = (off, size)
-                elif ext == "lbl":
-                    entry_lbl = (off, size)
-            if entry_jpg is None:
-                raise ShardError(f"{path}:{lineno}: sample {key!r} has no .jpg component")
+        for key, comps, line in read_index(path):
+            if "jpg" not in comps:
+                raise ShardError(f"{path}:{line}: sample {key!r} has no .jpg component")
+            # A v1.1 index names no members: the position stands in for the key.
             keys.append(key if key is not None else f"{path.stem}#{len(keys)}")
-            jpg.append(entry_jpg)
-            lbl.append(entry_lbl)
-        if len(keys) != int(header[1]):
-            raise ShardError(f"{path}: header says {header[1]} samples, the index lists {len(keys)}")
+            jpg.append(comps["jpg"])
+            lbl.append(comps.get("lbl", (0, -1)))
         return cls(tuple(keys), np.asarray(jpg, np.int64).reshape(-1, 2), np.asarray(lbl, np.int64).reshape(-1, 2))
 
     @property
@@ -124,33 +98,19 @@ class ShardSet:
         if not str(root) or not root.is_dir():
             raise ShardError(f"data.shards={str(root)!r} is not a directory of shards")
         mpath = root / MANIFEST
-        try:
-            manifest = json.loads(mpath.read_text())
-        except FileNotFoundError:
-            raise ShardError(f"{mpath} is missing: build the shards with `echocare shards build`") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ShardError(f"cannot read {mpath}: {exc}") from exc
-        got = manifest.get("ontology_hash")
+        manifest = Manifest.read(root)
+        got = manifest.ontology_hash
         if got != ontology.hash:
             raise ShardError(f"{mpath}: ontology_hash {got!r} differs from the run's ontology {ontology.hash!r} "
                              f"({len(ontology)} nodes): these shards were labelled with another ontology; "
                              f"rebuild them or point ontology.path at the one they were built with")
-        nodes = manifest.get("ontology_nodes", len(ontology))
-        if nodes != len(ontology):
-            raise ShardError(f"{mpath}: ontology_nodes={nodes} but the ontology has {len(ontology)} nodes")
-        entries = manifest.get("shards")
-        if not isinstance(entries, list) or not entries:
-            raise ShardError(f"{mpath}: 'shards' must be a non-empty list, got {entries!r:.80}")
-        shards = []
-        for i, e in enumerate(entries):
-            try:
-                name, samples, size = str(e["name"]), int(e["samples"]), int(e["bytes"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ShardError(f"{mpath}: shards[{i}] needs name, samples and bytes, got {e!r:.120}") from exc
-            if samples <= 0:
-                continue  # an empty tar carries nothing to read
-            tar = root / name
-            shards.append(Shard(name, tar, tar.with_suffix(".idx"), samples, size))
+        if manifest.ontology_nodes != len(ontology):
+            raise ShardError(f"{mpath}: ontology_nodes={manifest.ontology_nodes} but the ontology has "
+                             f"{len(ontology)} nodes")
+        if not manifest.shards:
+            raise ShardError(f"{mpath}: 'shards' is empty: the build kept no sample (see 'rejected')")
+        shards = [Shard(e.name, root / e.name, (root / e.name).with_suffix(".idx"), e.samples, e.bytes)
+                  for e in manifest.shards if e.samples > 0]  # an empty tar carries nothing to read
         if not shards:
             raise ShardError(f"{mpath}: no shard holds any sample")
         return cls(root, shards, len(ontology), ontology.hash)
@@ -183,17 +143,13 @@ class ShardSet:
         return bad
 
 
-class SampleError(ValueError):
-    """One sample cannot be used (short read, missing or wrong-sized label, undecodable image)."""
-
-
 class TarReader:
-    """Random access to samples through the DALI index: file handles and parsed indexes are kept
-    per shard, so reading a sample is one seek + two reads, and skipping one costs nothing."""
+    """Samples of any shard of the set as (jpg, label vector): one shardfmt.ShardReader and one
+    parsed index per shard, so reading a sample is one seek + two reads, and skipping one costs nothing."""
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
-        self._files: dict[str, object] = {}
+        self._readers: dict[str, ShardReader] = {}
         self._indexes: dict[str, ShardIndex] = {}
 
     def index(self, shard: Shard) -> ShardIndex:
@@ -206,14 +162,10 @@ class TarReader:
         return self.index(shard).keys[i]
 
     def _read(self, shard: Shard, offset: int, size: int, what: str) -> bytes:
-        fh = self._files.get(shard.name)
-        if fh is None:
-            fh = self._files[shard.name] = open(shard.tar, "rb")
-        fh.seek(offset)
-        data = fh.read(size)
-        if len(data) != size:
-            raise SampleError(f"{what}: read {len(data)} of {size} bytes at offset {offset} (tar truncated)")
-        return data
+        reader = self._readers.get(shard.name)
+        if reader is None:
+            reader = self._readers[shard.name] = ShardReader(shard.tar, shard.idx)
+        return reader.read_at(offset, size, what)
 
     def read(self, shard: Shard, i: int) -> tuple[bytes, np.ndarray]:
         """(jpg bytes, int8 label vector of length C) of sample i, or SampleError."""
@@ -229,9 +181,9 @@ class TarReader:
         return jpg, lbl
 
     def close(self) -> None:
-        for fh in self._files.values():
-            fh.close()
-        self._files.clear()
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
 
 
 # --------------------------------------------------------------------------------------------

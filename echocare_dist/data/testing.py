@@ -1,52 +1,25 @@
 """Small synthetic shard directories for the loader tests and benchmarks/loader.py.
 
-Written with the real tar writer (GNU tar + DALI index) and a manifest in the format of
-docs/architecture.md, so the loaders read them exactly like the shard builder's output. Patterns:
-"noise" (smooth random texture), "ramp" (gray = 30 + 150 x/W + 60 y/H: the gradient's sign shows
-flips and its span the crop width) and "ultrasound" (a speckled B-mode-like sector, for realistic
-JPEG sizes and decode cost).
+Written with the real shard writer and manifest (echocare_dist.shardfmt), so the loaders read
+them exactly like the shard builder's output. The images come from echocare_dist.synth.patterns
+("noise", "ramp", "ultrasound"); its ramp constants are re-exported for the loader tests.
 """
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from ..atomic import atomic_write_json
-from ..curation.tario import ShardWriter
+from ..shardfmt import Manifest, ShardWriter, shard_name
+from ..synth.patterns import RAMP_BASE, RAMP_X, RAMP_Y, synthetic_image
+from ..synth.writers import encode_image
 
-RAMP_X, RAMP_Y, RAMP_BASE = 150.0, 60.0, 30.0
-
-
-def synthetic_image(rng: np.random.Generator, pattern: str, width: int, height: int) -> np.ndarray:
-    if pattern == "ramp":
-        x = np.linspace(0, 1, width)[None, :]
-        y = np.linspace(0, 1, height)[:, None]
-        return np.clip(RAMP_BASE + RAMP_X * x + RAMP_Y * y, 0, 255).astype(np.uint8)
-    coarse = rng.uniform(0, 255, (height // 8 + 1, width // 8 + 1)).astype(np.float32)
-    tissue = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
-    if pattern == "noise":
-        return np.clip(tissue + rng.normal(0, 12, tissue.shape), 0, 255).astype(np.uint8)
-    if pattern != "ultrasound":
-        raise ValueError(f"unknown pattern {pattern!r}: noise, ramp or ultrasound")
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    r = np.hypot(xx - width / 2, yy + 0.1 * height)
-    angle = np.abs(np.arctan2(xx - width / 2, yy + 0.1 * height))
-    sector = (angle < 0.75) & (r > 0.15 * height) & (r < 1.05 * height)
-    # Speckle grain of ~3 px, as in B-mode images (and their JPEG sizes: ~70 KB at 640x480).
-    grain = rng.rayleigh(0.6, (height // 3 + 1, width // 3 + 1)).astype(np.float32)
-    speckle = np.asarray(Image.fromarray(grain).resize((width, height), Image.BILINEAR))
-    img = np.clip(tissue * speckle * np.exp(-r / (2.5 * height)), 0, 255) * sector
-    return img.astype(np.uint8)
+__all__ = ["write_shards", "synthetic_image", "jpeg_bytes", "RAMP_X", "RAMP_Y", "RAMP_BASE"]
 
 
 def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
+    return encode_image(arr, "jpg", quality)
 
 
 def write_shards(root, ontology, counts=(13, 11, 9, 7), *, size=(96, 72), pattern: str = "noise", seed: int = 0,
@@ -66,7 +39,7 @@ def write_shards(root, ontology, counts=(13, 11, 9, 7), *, size=(96, 72), patter
     pool: list[bytes] = []
     labels, entries, k = {}, [], 0
     for s, count in enumerate(counts):
-        with ShardWriter(root / f"shard-{s:06d}.tar") as writer:
+        with ShardWriter(root / shard_name(s)) as writer:
             for i in range(count):
                 key = f"{seed:04x}{k:012x}"
                 named = [str(n) for n in rng.choice(names, size=int(rng.integers(0, 3)), replace=False)]
@@ -88,10 +61,8 @@ def write_shards(root, ontology, counts=(13, 11, 9, 7), *, size=(96, 72), patter
                     components["lbl"] = components["lbl"][:-1]
                 writer.write(key, components)
                 labels[key] = vec
-        info = writer.info
-        entries.append({"name": info.name, "samples": info.samples, "bytes": info.bytes, "sha256": info.sha256})
-    atomic_write_json(root / "manifest.json", {
-        "ontology_hash": ontology_hash or ontology.hash, "ontology_nodes": len(ontology),
-        "num_samples": int(sum(counts)), "shards": entries, "per_source": {"synthetic": int(sum(counts))},
-        "per_node": {}, "rejected": {}})
+        entries.append(writer.entry)
+    Manifest(ontology_hash=ontology_hash or ontology.hash, ontology_nodes=len(ontology),
+             num_samples=int(sum(counts)), shards=entries, per_source={"synthetic": int(sum(counts))},
+             per_node={}, rejected={}).write(root)
     return labels

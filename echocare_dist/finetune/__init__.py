@@ -4,8 +4,13 @@
 (or `python launch/finetune.py` with the same arguments). See data.py for the accepted layouts
 and metrics.py for the metric conventions.
 """
-from .metrics import (accuracy, auc_ovr, binary_auc, dice, macro_f1, mae, normalized_surface_distance)
-from .runner import Finetuner, load_finetuned, run_finetune
+from __future__ import annotations
 
-__all__ = ["Finetuner", "accuracy", "auc_ovr", "binary_auc", "dice", "load_finetuned", "macro_f1", "mae",
-           "normalized_surface_distance", "run_finetune"]
+from ..lazy import lazy_exports
+
+# public name -> submodule defining it; lazy so that `echocare --help` does not import torch
+_EXPORTS = {name: "metrics" for name in ("accuracy", "auc_ovr", "binary_auc", "dice", "macro_f1", "mae",
+                                         "normalized_surface_distance")}
+_EXPORTS.update({name: "runner" for name in ("Finetuner", "load_finetuned", "run_finetune")})
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

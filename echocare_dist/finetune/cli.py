@@ -7,7 +7,7 @@ import sys
 
 
 def _cmd_finetune(args) -> int:
-    from ..cli import config_from_args
+    from ..cli_args import config_from_args
     from ..export import ExportError
     from .data import DataError
     from .runner import run_finetune
@@ -23,7 +23,7 @@ def _cmd_finetune(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import add_config_args
+    from ..cli_args import add_config_args
 
     p = sub.add_parser("finetune", help="fine-tune an exported encoder (classification, segmentation, regression)",
                        description="Fine-tune an exported encoder. Everything is a config value: "

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from ..atomic import atomic_write_bytes, atomic_write_json
 from ..config import Config, ConfigError, save_resolved
+from ..schedule import warmup_cosine
 from . import metrics as M
 from .data import (FinetuneDataset, collate, discover, resolve_mask_mode, scan_mask_values, split_samples,
                    write_split)
@@ -55,13 +56,6 @@ def check_img_size(meta: dict, img_size: int) -> None:
         if g * 2 ** stage != grid or not (g <= window or g % window == 0):
             raise ConfigError(f"finetune.img_size={img_size}: stage {stage} grid {g} is not tiled by the encoder's "
                               f"window {window} (use a multiple of {patch * window * 2 ** (len(meta['depths']) - 1)})")
-
-
-def _schedule(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -168,7 +162,7 @@ class Finetuner:
         total, count = 0.0, 0
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.ft.epochs}", leave=False, unit="batch")
         for batch in bar:
-            lr = _schedule(step, self.total_steps, self.warmup_steps, self.ft.lr, self.ft.min_lr)
+            lr = warmup_cosine(step, self.ft.lr, self.ft.min_lr, self.warmup_steps, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             x = batch["image"].to(self.device, non_blocking=True)
@@ -251,7 +245,7 @@ class Finetuner:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict:
-        from ..train.tracking import Tracker, flatten
+        from ..tracking import Tracker, flatten
 
         save_resolved(self.cfg, self.run_dir)
         tracking = self.cfg.tracking

@@ -10,7 +10,8 @@ import timm
 import torch
 from torch import nn
 
-from ..config import ModelConfig, swin_layout
+from ..config import ModelConfig
+from .archs import swin_layout
 
 
 def encoder_kwargs(model_cfg: ModelConfig) -> dict:

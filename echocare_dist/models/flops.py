@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 
-from ..config import ModelConfig, swin_layout
+from ..config import ModelConfig
+from .archs import swin_layout
 from .encoder import stage_dims, stage_grids
 
 MLP_RATIO = 4  # timm's Swin default, which encoder_kwargs never overrides

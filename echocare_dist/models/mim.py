@@ -9,6 +9,8 @@ from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
 from ..config import ModelConfig
+from ..ontology import Ontology
+from .anatomy import AnatomyPrediction, anatomy_from_logits
 from .decoders import build_decoder
 from .encoder import create_encoder, run_stages, stage_dims
 
@@ -88,6 +90,17 @@ class EchoCareMIM(nn.Module):
         recon = torch.sigmoid(self.decoder(features).float())
         logits = self.hie_head(features[-1]).float() if self.hie_head is not None else None
         return dict(recon=recon, logits=logits)
+
+    @torch.no_grad()
+    def predict_anatomy(self, input: torch.Tensor, ontology: Ontology, impl: str = "auto") -> AnatomyPrediction:
+        """Anatomy of whole (unmasked) images: hierarchy-coherent probabilities per ontology node.
+
+        Train/eval mode stays the caller's choice; call eval() first for deterministic output."""
+        if self.hie_head is None:
+            raise ValueError("predict_anatomy needs the hierarchical head; this model was built with "
+                             "model.hie_head=false")
+        logits = self.hie_head(self.encode(input)[-1]).float()
+        return anatomy_from_logits(logits, ontology, impl)
 
 
 def build_model(model_cfg: ModelConfig, num_classes: int) -> EchoCareMIM:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _synth(args) -> int:
-    from ..cli import config_from_args
+    from ..cli_args import config_from_args
     from ..config import save_resolved
     from ..ontology import load_ontology
     from .dataset import generate_dataset
@@ -29,7 +29,7 @@ def _synth(args) -> int:
 
 
 def register(sub) -> None:
-    from ..cli import add_config_args
+    from ..cli_args import add_config_args
     p = sub.add_parser("synth", help="generate a synthetic ultrasound collection and its label mapping",
                        description="Write synthetic B-mode images, clips, DICOM, masks and labels.yaml into "
                                    "--out (for tests and the demo; never a substitute for real data).")

@@ -1,8 +1,10 @@
 """Pretraining engine: DeepSpeed ZeRO, crash-safe checkpoints, preemption, MLflow (SPEC 2-4).
 
 Entry points: `launch/pretrain.py` (any launcher), `echocare pretrain`, or `pretrain(cfg)`.
-Modules: distributed, optim (AdamW, schedule, DeepSpeed config), loss, checkpoint, preemption,
-tracking, metrics, images, trainer (the loop). Kept import-light: torch loads on first use.
+Modules: distributed, optim (AdamW, schedule, DeepSpeed config), loss, step (`build_components`
+and `train_step`, which benchmarks/train_step.py runs too), checkpoint, preemption, metrics,
+images, trainer (the loop). Tracking is `echocare_dist.tracking` (fine-tuning uses it too).
+Kept import-light: torch loads on first use.
 """
 
 

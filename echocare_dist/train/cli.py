@@ -13,35 +13,42 @@ import argparse
 import os
 import sys
 
+from ..cli_args import add_config_args, config_from_args
+
 
 def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
-    from ..cli import add_config_args
-    add_config_args(parser)
-    parser.add_argument("--resume", default=None, metavar="auto|none|DIR",
-                        help="overrides train.resume: 'auto' = latest complete checkpoint of the run dir")
+    add_config_args(parser, resume=True)
     # The DeepSpeed launcher appends --local_rank=N; the rank layout is read from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def config_from_args(args):
-    from ..config import load_config
-    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    return load_config(args.config, overrides)
+def _user_error(exc: Exception) -> int:
+    print(f"echocare pretrain: error: {exc}", file=sys.stderr)
+    return 2
 
 
 def run_worker(args) -> int:
-    """One rank: config -> pretrain(). Known user errors become exit code 2 with a one-line message."""
+    """One rank: config -> pre-flight -> pretrain(). Known user errors become exit code 2 and a message."""
     from ..config import ConfigError
     from ..ontology import OntologyError
-    from .checkpoint import ResumeError
-    from .tracking import TrackingError
+    from ..preflight import run_preflight
     try:
         cfg = config_from_args(args)
+        # Every rank checks for itself rather than rank 0 alone: there is no process group yet to
+        # tell the others, which would wait in the rendezvous until train.dist_timeout_s; and on
+        # several nodes each host must see the shards and run directory through its own mounts.
+        # The checks are cheap (a manifest read, a temporary file, one TCP connect).
+        run_preflight(cfg)
+    except (ConfigError, OntologyError) as exc:
+        return _user_error(exc)
+    # Imported only now: they pull in torch and DeepSpeed, which a failed pre-flight need not wait for.
+    from ..tracking import TrackingError
+    from .checkpoint import ResumeError
+    try:
         from .trainer import pretrain
         return pretrain(cfg)
     except (ConfigError, OntologyError, ResumeError, TrackingError) as exc:
-        print(f"echocare pretrain: error: {exc}", file=sys.stderr)
-        return 2
+        return _user_error(exc)
 
 
 def worker_argv(args) -> list[str]:
@@ -59,10 +66,16 @@ def spawn_local(args, nproc: int) -> int:
     torchrun itself reports any failed rank as exit 1; a preemption (every failed rank exited with
     the requeue code) is passed through as that code so wrappers can requeue.
     """
+    from ..preflight import run_preflight
+
+    # Fail here, once, before any rank starts: on a bad config and on anything the ranks' own
+    # pre-flight would stop at (the message would otherwise come N times, after N torch imports).
+    cfg = config_from_args(args)
+    run_preflight(cfg)
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    cfg = config_from_args(args)  # fail here, once, on a bad config
     launch_args = get_args_parser().parse_args(
         ["--standalone", f"--nproc_per_node={nproc}", "--max_restarts=0", "--monitor_interval=1",
          "--module", "echocare_dist.train.cli", *worker_argv(args)])

@@ -1,9 +1,8 @@
-"""Throughput, MFU, memory and the JSONL metrics log.
+"""Memory, the per-log-step window of training values and the JSONL metrics log.
 
 MFU = achieved model FLOPs / peak FLOPs of the device, with model FLOPs per image from
-`echocare_dist.models.flops_per_image` (3 x forward, recomputation not counted) and the
-peak from `train.peak_tflops`, else the dense spec table below, else (CPU) a short matmul
-measurement, which makes CPU MFU a "fraction of achievable matmul rate".
+`echocare_dist.models.flops_per_image` (3 x forward, recomputation not counted) and the peak
+from `echocare_dist.hardware.peak_tflops` (train.peak_tflops, the dense spec table, or measured).
 """
 from __future__ import annotations
 
@@ -16,57 +15,6 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write_text
-
-# Dense (no sparsity) peak TFLOP/s per device by name fragment; "fp32" is the non-tensor-core
-# rate that torch uses for fp32 matmuls unless TF32 is allowed.
-PEAK_TFLOPS = {
-    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9, "tf32": 494.7},
-    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2, "tf32": 378.0},
-    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9, "tf32": 494.7},
-    "GH200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9, "tf32": 494.7},
-    "B200": {"bf16": 2250.0, "fp16": 2250.0, "fp32": 80.0, "tf32": 1100.0},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5, "tf32": 156.0},
-    "L40S": {"bf16": 362.1, "fp16": 362.1, "fp32": 91.6, "tf32": 183.0},
-    "A10": {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2, "tf32": 62.5},
-}
-
-
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024,
-                          seconds: float = 0.2) -> float:
-    # A private generator: the global RNG streams belong to training (a resume restores them).
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    torch.mm(a, b)  # warm-up (threads, kernels)
-    iters, t0 = 0, time.perf_counter()
-    while True:
-        torch.mm(a, b)
-        iters += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds:
-            return 2 * n ** 3 * iters / elapsed / 1e12
-
-
-def peak_tflops(device: torch.device, precision: str, configured: float = 0.0) -> tuple[float, str]:
-    """(peak TFLOP/s per device, where the number came from)."""
-    if configured > 0:
-        return configured, "train.peak_tflops"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        key = "fp32"
-        if precision in ("bf16", "fp16"):
-            key = precision
-        elif torch.backends.cuda.matmul.allow_tf32:
-            key = "tf32"
-        for fragment, table in PEAK_TFLOPS.items():  # dict order: specific names before general ones
-            if fragment in name:
-                return table[key], f"spec table ({fragment} {key})"
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        return measure_matmul_tflops(device, dtype, n=4096), f"measured ({name} not in the table)"
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return measure_matmul_tflops(device, dtype), "measured CPU matmul"
 
 
 def memory_gb(device: torch.device) -> float:

@@ -6,12 +6,11 @@ precision and clipping. The JSON is written next to the run so a run can be audi
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from ..config import Config
+from ..schedule import warmup_cosine
 
 
 def global_batch(cfg: Config, world_size: int) -> int:
@@ -25,9 +24,9 @@ def scaled_lr(cfg: Config, world_size: int) -> tuple[float, float]:
 
 
 class WarmupCosine(LRScheduler):
-    """Linear warmup to the peak over `warmup_steps`, then cosine to `min_lr` at `total_steps`
-    ("constant" holds the peak after warmup). Stateless apart from the step count, so its
-    state_dict round-trips through DeepSpeed checkpoints exactly."""
+    """The project's schedule (echocare_dist.schedule.warmup_cosine) as the client scheduler
+    DeepSpeed steps and checkpoints. Stateless apart from the step count, so its state_dict
+    round-trips through DeepSpeed checkpoints exactly."""
 
     def __init__(self, optimizer, peak_lr: float, min_lr: float, warmup_steps: int, total_steps: int,
                  schedule: str = "cosine", last_epoch: int = -1):
@@ -36,14 +35,7 @@ class WarmupCosine(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            # (step+1): the first update already moves; the peak is reached on the last warmup step.
-            return self.peak_lr * (step + 1) / self.warmup_steps
-        if self.schedule == "constant":
-            return self.peak_lr
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_lr + (self.peak_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return warmup_cosine(step, self.peak_lr, self.min_lr, self.warmup_steps, self.total_steps, self.schedule)
 
     def get_lr(self):
         return [self.lr_at(self.last_epoch) for _ in self.optimizer.param_groups]

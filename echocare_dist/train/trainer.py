@@ -1,9 +1,9 @@
-"""The pretraining loop: components wired together, nothing more.
+"""The pretraining loop: the step (step.py) wrapped in the run's bookkeeping, nothing more.
 
-    distributed  -> ranks, device, seeds          optim       -> AdamW, schedule, DeepSpeed JSON
-    checkpoint   -> save / resume / universal     preemption  -> signal flag, collective vote
-    tracking     -> MLflow (rank 0)               metrics     -> MFU, memory, JSONL
-    loss         -> L_MIM + lambda * L_HIE        images      -> reconstruction grids
+    step         -> components, one optimizer step   distributed -> ranks, device, seeds
+    checkpoint   -> save / resume / universal        preemption  -> signal flag, collective vote
+    metrics      -> memory, log window, JSONL        images      -> reconstruction grids
+    echocare_dist.tracking -> MLflow (rank 0)
 
 `pretrain(cfg)` returns the process exit code: 0 when the run reached train.steps,
 train.requeue_exit_code after a preemption checkpoint.
@@ -16,16 +16,17 @@ import time
 
 import torch
 
-from ..atomic import atomic_write_bytes, atomic_write_json
+from ..atomic import atomic_write_bytes
 from ..config import Config, save_resolved
+from ..ontology import load_ontology
+from ..tracking import Tracker, TrackingError, flatten
 from . import distributed
 from .checkpoint import CheckpointManager, ResumePlan, model_fingerprint
 from .images import reconstruction_grid
-from .loss import PretrainLoss
-from .metrics import MetricsFile, Window, memory_gb, peak_tflops
-from .optim import build_optimizer, deepspeed_config, global_batch, scaled_lr
+from .metrics import MetricsFile, Window, memory_gb
+from .optim import global_batch, scaled_lr
 from .preemption import PreemptionHandler
-from .tracking import Tracker, TrackingError, flatten
+from .step import DS_CONFIG_FILE, Components, StepResult, build_components, train_step
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,8 @@ def setup_logging(rank: int) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def _count(x) -> int:
-    if x is None:
-        return 0
-    return len(x) if hasattr(x, "__len__") else int(x)
-
-
 class Pretrainer:
     def __init__(self, cfg: Config, env: distributed.DistEnv):
-        from ..ontology import load_ontology
-
         self.cfg, self.env = cfg, env
         self.run_dir = cfg.resolve_path(cfg.train.run_dir).resolve()
         self.ontology = load_ontology(cfg.resolve_path(cfg.ontology.path))
@@ -63,41 +56,19 @@ class Pretrainer:
         self.global_batch = global_batch(cfg, env.world_size)
         self.step = 0
         self.last_saved_step = -1
+        self.tracker = Tracker(False)         # the run's own once setup() has started it
+        self.components: Components | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from ..data import build_loader
-        from ..models import build_model, flops_per_image
-
         cfg, env = self.cfg, self.env
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir)
-        distributed.configure_determinism(cfg.train.deterministic)
         plan = self.ckpts.plan_resume(cfg.train.resume, cfg, self.ontology.hash)
         self._start_tracking(plan)
-
-        # Same seed on every rank: identical initial weights (ZeRO-3 partitions what each rank built).
-        distributed.seed_everything(cfg.train.seed)
-        model = build_model(cfg.model, len(self.ontology))
-        self.flops = flops_per_image(cfg.model, len(self.ontology))
-        self.n_params = sum(p.numel() for p in model.parameters())
-        optimizer, scheduler = build_optimizer(model, cfg, env.world_size, env.device)
-        self.ds_config = deepspeed_config(cfg, env.world_size, env.device, load_universal=bool(plan and plan.universal))
-        if env.is_main:
-            atomic_write_json(self.run_dir / "deepspeed_config.json", self.ds_config)
-            log.info("DeepSpeed config (%s): %s", self.run_dir / "deepspeed_config.json", self.ds_config)
-
-        import deepspeed
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
-            dist_init_required=False)
-        self.loss_fn = PretrainLoss(cfg, self.ontology)
-        self.loader = build_loader(cfg, self.ontology, rank=env.rank, world_size=env.world_size,
-                                   device=env.device, run_dir=self.run_dir)
-        # Per-rank stream for stochastic depth etc.; a resume on the same world size restores it exactly.
-        distributed.seed_everything(cfg.train.seed + 1 + env.rank)
-        self.peak_tflops, peak_source = peak_tflops(env.device, cfg.train.precision, cfg.train.peak_tflops)
+        self.components = c = build_components(cfg, env, ontology=self.ontology, run_dir=self.run_dir,
+                                                load_universal=bool(plan and plan.universal))
         if plan is not None:
             self._restore(plan)  # last: nothing may draw from the restored RNG streams before step 1
         if env.is_main:
@@ -105,17 +76,17 @@ class Pretrainer:
             peak_lr, min_lr = scaled_lr(cfg, env.world_size)
             log.info("model %s: %.2f M params, %.2f GFLOP forward / image; %d ranks (%s) x micro-batch %d x "
                      "accumulation %d = global batch %d; peak LR %.3g (min %.3g); ZeRO-%d %s; peak %.1f TFLOP/s "
-                     "per device (%s); starting at step %d of %d", cfg.model.arch, self.n_params / 1e6,
-                     self.flops["forward"] / 1e9, env.world_size, env.launcher, cfg.train.micro_batch,
+                     "per device (%s); starting at step %d of %d", cfg.model.arch, c.n_params / 1e6,
+                     c.flops["forward"] / 1e9, env.world_size, env.launcher, cfg.train.micro_batch,
                      cfg.train.grad_accum, self.global_batch, peak_lr, min_lr, cfg.train.zero_stage,
-                     cfg.train.precision, self.peak_tflops, peak_source, self.step, cfg.train.steps)
+                     cfg.train.precision, c.peak_tflops, c.peak_source, self.step, cfg.train.steps)
             params = flatten(cfg.to_dict())
             params.update({"run.world_size": str(env.world_size), "run.global_batch": str(self.global_batch),
-                           "run.peak_lr": str(peak_lr), "run.params": str(self.n_params),
-                           "run.flops_per_image_forward": str(self.flops["forward"]),
+                           "run.peak_lr": str(peak_lr), "run.params": str(c.n_params),
+                           "run.flops_per_image_forward": str(c.flops["forward"]),
                            "run.ontology_hash": self.ontology.hash})
             self.tracker.log_params(params)
-            self.tracker.log_artifact(self.run_dir / "deepspeed_config.json", "config")
+            self.tracker.log_artifact(self.run_dir / DS_CONFIG_FILE, "config")
             self.tracker.log_artifact(self.run_dir / "config.resolved.yaml", "config")
 
     def _start_tracking(self, plan: ResumePlan | None) -> None:
@@ -132,18 +103,19 @@ class Pretrainer:
         self.run_id = distributed.broadcast_object(self.tracker.run_id)
 
     def _restore(self, plan: ResumePlan) -> None:
-        client = self.ckpts.load(self.engine, plan)
-        self.scheduler.apply()  # DeepSpeed restores the optimizer after the scheduler
+        c = self.components
+        client = self.ckpts.load(c.engine, plan)
+        c.scheduler.apply()  # DeepSpeed restores the optimizer after the scheduler
         self.step = self.last_saved_step = int(client["step"])
         same_world = int(client["world_size"]) == self.env.world_size
         loader_states = client["loader"]
         if same_world:
-            self.loader.load_state_dict(loader_states[self.env.rank])
+            c.loader.load_state_dict(loader_states[self.env.rank])
             distributed.set_rng_state(client["rng"][self.env.rank])
         else:
             # The loader sees the saved world size in its state and restarts the epoch with a new
             # split; the per-rank RNG streams cannot be mapped, so they are re-derived from the step.
-            self.loader.load_state_dict(loader_states[min(self.env.rank, len(loader_states) - 1)])
+            c.loader.load_state_dict(loader_states[min(self.env.rank, len(loader_states) - 1)])
             distributed.seed_everything(self.cfg.train.seed + 1 + self.env.rank + 7919 * self.step)
         log.info("resumed from %s at step %d (saved by %d ranks%s)", plan.source, self.step,
                  client["world_size"], ", universal checkpoint" if plan.universal else "")
@@ -154,13 +126,14 @@ class Pretrainer:
         window = Window()
         stopped_by = None
         while self.step < t.steps:
-            last_batch, last_out, lr = self._train_step(window)
+            result = train_step(self.components)
+            window.add(result.loss, result.mim, result.hie, result.data_wait_s)
             self.step += 1
             if self.step % t.log_every == 0 or self.step == t.steps:
-                self._log(window, lr)
+                self._log(window, result.lr)
             if self.step % t.image_every == 0:
                 with window.excluded():
-                    self._log_images(last_batch, last_out)
+                    self._log_images(result)
             if preempt.should_stop():
                 stopped_by = preempt.requested_by
                 break
@@ -178,34 +151,8 @@ class Pretrainer:
         self.tracker.finish("FINISHED")
         return 0
 
-    def _train_step(self, window: Window):
-        engine, accum = self.engine, self.cfg.train.grad_accum
-        total = mim_sum = hie_sum = None
-        data_wait = 0.0
-        lr = self.optimizer.param_groups[0]["lr"]  # the LR this step's update uses
-        for _ in range(accum):
-            t0 = time.perf_counter()
-            with self._isolated_rng():
-                batch = next(self.loader)  # an infinite iterator (echocare_dist.data contract)
-            data_wait += time.perf_counter() - t0
-            out = engine(batch["input"], batch["mask"])
-            loss, mim, hie = self.loss_fn(out, batch)
-            engine.backward(loss)
-            engine.step()
-            total = loss.detach() if total is None else total + loss.detach()
-            mim_sum = mim.detach() if mim_sum is None else mim_sum + mim.detach()
-            hie_sum = hie.detach() if hie_sum is None else hie_sum + hie.detach()
-        window.add(total / accum, mim_sum / accum, hie_sum / accum, data_wait)
-        return batch, out, lr
-
-    def _isolated_rng(self):
-        """The loader has its own seeded randomness; whatever it draws from torch's global streams
-        (a reader starting lazily after a resume does) must not shift stochastic depth."""
-        devices = [self.env.device.index] if self.env.device.type == "cuda" else []
-        return torch.random.fork_rng(devices=devices)
-
     def _log(self, window: Window, lr: float) -> None:
-        env = self.env
+        env, c = self.env, self.components
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         elapsed = window.elapsed()
@@ -215,20 +162,20 @@ class Pretrainer:
             [memory_gb(env.device), window.data_wait], env.device)
         per = env.world_size * n
         images_per_s = self.global_batch * n / elapsed
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = c.engine.get_global_grad_norm()
         record = {
             "step": self.step, "time": time.time(),
             "loss": loss / per, "loss_mim": mim / per, "loss_hie": hie / per, "lr": lr,
             "images_per_s": images_per_s, "step_time_s": elapsed / n,
             "data_wait_s": wait / per, "data_wait_max_s": wait_max / n,
             "mem_gb": mem,
-            "tflops_per_device": self.flops["train"] * images_per_s / env.world_size / 1e12,
+            "tflops_per_device": c.flops["train"] * images_per_s / env.world_size / 1e12,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "epoch": getattr(self.loader, "epoch", None),
-            "loader_bad_samples": _count(getattr(self.loader, "bad_samples", 0)),
-            "loader_quarantined": _count(getattr(self.loader, "quarantined", 0)),
+            "epoch": c.loader.epoch,
+            "loader_bad_samples": c.loader.bad_samples,
+            "loader_quarantined": len(c.loader.quarantined),
         }
-        record["mfu"] = record["tflops_per_device"] / self.peak_tflops
+        record["mfu"] = record["tflops_per_device"] / c.peak_tflops
         window.reset()
         if not env.is_main:
             return
@@ -239,20 +186,19 @@ class Pretrainer:
         self.metrics_file.append(record)
         self.tracker.log_metrics({k: v for k, v in record.items() if k not in ("step", "time")}, self.step)
 
-    def _log_images(self, batch: dict, out: dict) -> None:
+    def _log_images(self, result: StepResult) -> None:
         if not self.env.is_main:
             return
-        a = self.cfg.data.augment
-        png = reconstruction_grid(batch["input"], batch["mask"], out["recon"], batch["target"],
+        a, batch = self.cfg.data.augment, result.batch
+        png = reconstruction_grid(batch["input"], batch["mask"], result.out["recon"], batch["target"],
                                   a.norm_mean, a.norm_std, self.cfg.tracking.image_rows)
         path = self.run_dir / "images" / f"recon_step_{self.step:08d}.png"
         atomic_write_bytes(path, png)
         self.tracker.log_artifact(path, "reconstructions")
 
     def close(self) -> None:
-        close = getattr(self.loader, "close", None)
-        if close is not None:
-            close()
+        if self.components is not None:
+            self.components.loader.close()
 
     # ------------------------------------------------------------------ checkpoint
     def save(self) -> None:
@@ -260,7 +206,7 @@ class Pretrainer:
         fingerprint = model_fingerprint(cfg.model)
         client_state = dict(
             format=CHECKPOINT_FORMAT, step=self.step, world_size=env.world_size,
-            loader=distributed.all_gather_object(self.loader.state_dict()),
+            loader=distributed.all_gather_object(self.components.loader.state_dict()),
             rng=distributed.all_gather_object(distributed.rng_state()),
             config=cfg.to_dict(), ontology_hash=self.ontology.hash, model=fingerprint,
             mlflow_run_id=self.run_id,
@@ -269,7 +215,7 @@ class Pretrainer:
         meta = dict(format=CHECKPOINT_FORMAT, world_size=env.world_size, zero_stage=cfg.train.zero_stage,
                     precision=cfg.train.precision, global_batch=self.global_batch,
                     ontology_hash=self.ontology.hash, model=fingerprint, mlflow_run_id=self.run_id)
-        self.ckpts.save(self.engine, self.step, client_state, meta)
+        self.ckpts.save(self.components.engine, self.step, client_state, meta)
         self.last_saved_step = self.step
 
 
@@ -286,9 +232,7 @@ def pretrain(cfg: Config) -> int:
             trainer.setup()
             code = trainer.train(preempt)
         except BaseException:
-            tracker = getattr(trainer, "tracker", None)
-            if tracker is not None:
-                tracker.finish("FAILED")
+            trainer.tracker.finish("FAILED")
             raise
         trainer.close()
         # Launchers tear the group down as soon as one rank exits non-zero (a preemption's 124):

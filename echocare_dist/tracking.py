@@ -1,4 +1,5 @@
-"""MLflow tracking from rank 0: params (resolved config), metrics, artifacts, reconstruction grids.
+"""MLflow tracking for pretraining (rank 0) and fine-tuning: params (resolved config), metrics,
+artifacts, reconstruction grids.
 
 Where runs go: `tracking.uri` if set, else $MLFLOW_TRACKING_URI (a server, e.g.
 http://mlflow:5000), else an embedded SQLite store at {run_dir}/mlflow.db with artifacts under
