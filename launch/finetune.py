@@ -12,7 +12,7 @@ from pathlib import Path
 # Runnable from a checkout without `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from echocare_dist.finetune.cli import main  # noqa: E402
+from echocare_dist.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["finetune"] + sys.argv[1:]))

@@ -33,9 +33,3 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "[--set finetune.mode=linear_probe] [--set finetune.run_dir=DIR]")
     add_config_args(p)
     p.set_defaults(func=_cmd_finetune)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of launch/finetune.py: the same arguments as `echocare finetune`."""
-    from ..cli import main as cli_main
-    return cli_main(["finetune"] + list(sys.argv[1:] if argv is None else argv))
