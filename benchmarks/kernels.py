@@ -7,7 +7,8 @@ masked L1, achieved GB/s against the device's HBM peak, at B=256, 1x256x256, p=2
 hierarchical loss at C=117 (the default ontology).
 Without a GPU: the reference timings on CPU, the Triton kernels' agreement with the references
 in the interpreter (a subprocess with TRITON_INTERPRET=1) and the ahead-of-time compilation of
-every kernel variant for sm_80 / sm_90 (`python -m echocare_dist.kernels.aot`).
+every kernel variant for sm_80 / sm_90 (`python -m echocare_dist.kernels.aot`). Both print each
+kernel's registers per thread, shared memory and register spills (ptxas -v; on a GPU for its own arch).
 
 Bytes counted for the masked L1 (the traffic the fused kernels cannot avoid): forward reads
 pred and target inside masked tokens plus the token mask; backward reads them again and writes
@@ -224,6 +225,37 @@ def interpreter_check(args) -> list[dict]:
     return rows
 
 
+def _span(records, key) -> str:
+    """'min-max' of one figure over a kernel's variants ('-' when none compiled)."""
+    vals = [r[key] for r in records if key in r]
+    return "-" if not vals else (f"{min(vals)}" if min(vals) == max(vals) else f"{min(vals)}-{max(vals)}")
+
+
+def aot_report(archs) -> list[dict]:
+    """Compile every kernel variant for `archs` (`python -m echocare_dist.kernels.aot`, in a clean
+    process: interpreted kernels cannot be compiled) and print registers, shared memory and spills."""
+    with tempfile.TemporaryDirectory() as tmp:
+        aot_json = os.path.join(tmp, "aot.json")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        proc = subprocess.run([sys.executable, "-m", "echocare_dist.kernels.aot", "--workers", "2", "--json", aot_json,
+                               "--arch", *map(str, archs)], env=env, cwd=REPO, capture_output=True, text=True)
+        records = json.loads(Path(aot_json).read_text()) if os.path.exists(aot_json) else []
+    by = {}
+    for r in records:
+        by.setdefault((r["kernel"], r["arch"]), []).append(r)
+    print_table("ahead-of-time compilation of every variant: registers per thread, shared memory, spills (ptxas -v)",
+                ["kernel", "arch", "warps", "variants", "compiled", "mean s", "registers", "max shared B",
+                 "max spill st/ld B"],
+                [[k, a, "/".join(sorted({str(r["num_warps"]) for r in rs})), len(rs), sum(r["ok"] for r in rs),
+                  f"{statistics.mean(r['seconds'] for r in rs):.2f}", _span(rs, "registers"),
+                  max(r.get("shared_bytes", 0) for r in rs),
+                  f"{max(r.get('spill_store_bytes', -1) for r in rs)}/{max(r.get('spill_load_bytes', -1) for r in rs)}"]
+                 for (k, a), rs in sorted(by.items())])
+    if proc.returncode:
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+    return records
+
+
 def run_cpu(args) -> dict:
     out = {}
     print(f"no GPU: reference timings on CPU ({torch.get_num_threads()} threads), B={args.batch}, {args.img}x{args.img}")
@@ -244,21 +276,7 @@ def run_cpu(args) -> dict:
                       f"{r['q_max_err']:.1e}" if "q_max_err" in r else "-", f"{r['seconds']:.1f}"] for r in rows])
         out["interpreter"] = rows
 
-        aot_json = os.path.join(tmp, "aot.json")
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        proc = subprocess.run([sys.executable, "-m", "echocare_dist.kernels.aot", "--workers", "2", "--json", aot_json],
-                              env=env, cwd=REPO, capture_output=True, text=True)
-        records = json.loads(Path(aot_json).read_text()) if os.path.exists(aot_json) else []
-        by = {}
-        for r in records:
-            by.setdefault((r["kernel"], r["arch"]), []).append(r)
-        print_table("ahead-of-time compilation (no GPU needed)",
-                    ["kernel", "arch", "variants", "compiled", "mean s", "max shared B"],
-                    [[k, a, len(rs), sum(r["ok"] for r in rs), f"{statistics.mean(r['seconds'] for r in rs):.2f}",
-                      max(r.get("shared_bytes", 0) for r in rs)] for (k, a), rs in sorted(by.items())])
-        if proc.returncode:
-            print(proc.stdout[-3000:], proc.stderr[-3000:])
-        out["aot"] = records
+        out["aot"] = aot_report([80, 90])
     return out
 
 
@@ -284,6 +302,8 @@ def main(argv=None):
         return 0
     if torch.cuda.is_available():
         out = {"device": torch.cuda.get_device_name(0), "peak_gbps": device_peak_gbps(args), "results": run_gpu(args)}
+        major, minor = torch.cuda.get_device_capability(0)
+        out["aot"] = aot_report([10 * major + minor])
     else:
         if args.iters == 20:   # CPU references are slow: fewer repeats unless asked
             args.iters, args.warmup = 3, 1

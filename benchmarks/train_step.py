@@ -13,6 +13,10 @@ spec table on known GPUs, else a measured matmul rate), peak memory of the busie
     python benchmarks/train_step.py --zero 0 1 2 3 --nproc 4
     python benchmarks/train_step.py --presets echocare_swin_l_p4 echocare_swin_b --nproc 1   # CPU: batch 1
     python benchmarks/train_step.py --presets echocare_swin_l --nproc 8 --set train.precision=bf16  # a GPU node
+    python benchmarks/train_step.py --compile none blocks             # eager vs regional torch.compile
+
+With --compile, each configuration runs once per model.compile mode and the script prints the
+img/s of each beside the eager one (the compile itself happens in the untimed warmup steps).
 """
 from __future__ import annotations
 
@@ -104,7 +108,7 @@ def worker(args) -> int:
     for name in ("echocare_dist", "DeepSpeed"):  # setup chatter would bury the table
         logging.getLogger(name).setLevel(logging.WARNING)
     cfg = load_config(args.preset, args.overrides)
-    env = distributed.init_distributed(cfg.train.dist_timeout_s)
+    env = distributed.init_distributed(cfg.train.dist_timeout_s, cfg.train.device)
     device = env.device
     with PeakMemory(device) as mem:
         c = build_components(cfg, env, run_dir=cfg.resolve_path(cfg.train.run_dir))
@@ -138,7 +142,8 @@ def worker(args) -> int:
             gflop_fwd=c.flops["forward"] / 1e9, images_per_s=images_per_s, step_s=elapsed_max / args.steps,
             data_wait_s=wait_sum / env.world_size / args.steps, data_wait_max_s=wait_max / args.steps,
             tflops=tflops, peak_tflops=peak_max, peak_source=source, mfu=tflops / peak_max,
-            peak_gib=mem_max / 2 ** 30, loss=loss, threads=torch.get_num_threads(), device=str(device)))
+            peak_gib=mem_max / 2 ** 30, loss=loss, threads=torch.get_num_threads(), device=str(device),
+            compile=c.compile))
     c.loader.close()
     c.engine.destroy()
     distributed.barrier()
@@ -170,12 +175,12 @@ def write_benchmark_shards(root: Path, cfg, ontology, samples: int) -> None:
                  distinct_images=min(64, samples))
 
 
-def run_config(args, preset: str, zero: int, shards: Path, work: Path, batch: int) -> dict:
-    tag = f"{preset}_zero{zero}"
+def run_config(args, preset: str, zero: int, shards: Path, work: Path, batch: int, compile_mode: str) -> dict:
+    tag = f"{preset}_zero{zero}_{compile_mode}"
     result, log = work / f"{tag}.json", work / f"{tag}.log"
     overrides = [f"data.shards={shards}", f"train.run_dir={work / tag}", f"train.zero_stage={zero}",
                  f"train.micro_batch={batch}", f"train.steps={args.warmup + args.steps}",
-                 "train.resume=none", "tracking.enabled=false", *args.overrides]
+                 "train.resume=none", "tracking.enabled=false", f"model.compile={compile_mode}", *args.overrides]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "--max_restarts=0", str(Path(__file__).resolve()), "--worker", "--preset", preset,
            "--result", str(result), "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -191,7 +196,7 @@ def run_config(args, preset: str, zero: int, shards: Path, work: Path, batch: in
     return json.loads(result.read_text())
 
 
-COLUMNS = [("preset", "{}"), ("arch", "{}"), ("patch", "{}"), ("ranks", "{}"), ("zero", "{}"),
+COLUMNS = [("preset", "{}"), ("arch", "{}"), ("patch", "{}"), ("ranks", "{}"), ("zero", "{}"), ("compile", "{}"),
            ("batch", "{}"), ("accum", "{}"), ("precision", "{}"), ("gflop_fwd", "{:.4g}"),
            ("images_per_s", "{:.2f}"), ("step_s", "{:.3f}"), ("data_wait_s", "{:.4f}"),
            ("data_wait_max_s", "{:.4f}"), ("tflops", "{:.3g}"), ("mfu", "{:.2%}"), ("peak_gib", "{:.2f}")]
@@ -202,6 +207,19 @@ def format_table(rows: list[dict], header: str) -> str:
     for r in rows:
         lines.append("| " + " | ".join(fmt.format(r[c]) for c, fmt in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def compile_comparison(rows: list[dict]) -> list[str]:
+    """'eager X img/s vs blocks Y img/s (Zx)' per preset and ZeRO stage that ran both."""
+    lines = []
+    for (preset, zero) in dict.fromkeys((r["preset"], r["zero"]) for r in rows):
+        group = {r["compile"]: r["images_per_s"] for r in rows if (r["preset"], r["zero"]) == (preset, zero)}
+        eager = group.get("none")
+        for mode, ips in group.items():
+            if mode != "none" and eager:
+                lines.append(f"{preset} ZeRO-{zero}: eager {eager:.2f} img/s vs compile={mode} {ips:.2f} img/s "
+                             f"({ips / eager:.2f}x)")
+    return lines
 
 
 def header_for(args, rows: list[dict]) -> str:
@@ -234,6 +252,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 GPU, 1 CPU)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every configuration, e.g. train.precision=bf16")
+    ap.add_argument("--compile", nargs="+", default=["auto"], choices=["auto", "none", "blocks", "full"],
+                    help="model.compile modes to run each configuration with (default: auto = blocks on "
+                         "CUDA, none on CPU); e.g. --compile none blocks compares eager and compiled img/s")
     ap.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu: hide the GPUs from the ranks")
     ap.add_argument("--out", default="", help="also write the table (.md) and rows (.json) here, atomically")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -256,7 +277,8 @@ def main(argv=None) -> int:
     gpu = args.device == "auto" and torch.cuda.is_available()
     args.steps = args.steps or (10 if gpu else 3)
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
-    print(f"{len(args.presets) * len(args.zero)} configurations x {args.nproc} ranks on {describe()}", flush=True)
+    print(f"{len(args.presets) * len(args.zero) * len(args.compile)} configurations x {args.nproc} ranks on "
+          f"{describe()}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="echocare-train-step-") as tmp:
         work = Path(tmp)
@@ -269,12 +291,16 @@ def main(argv=None) -> int:
             shards = work / f"shards_{preset}"
             write_benchmark_shards(shards, cfg, ontology, samples)
             for zero in args.zero:
-                row = run_config(args, preset, zero, shards, work, batch)
-                rows.append(row)
-                print(f"  {preset} ZeRO-{zero}: {row['images_per_s']:.2f} img/s, MFU {row['mfu']:.2%}, "
-                      f"data wait {row['data_wait_s']:.4f} s/step, peak {row['peak_gib']:.2f} GiB", flush=True)
+                for mode in args.compile:
+                    row = run_config(args, preset, zero, shards, work, batch, mode)
+                    rows.append(row)
+                    print(f"  {preset} ZeRO-{zero} compile {row['compile']}: {row['images_per_s']:.2f} img/s, "
+                          f"MFU {row['mfu']:.2%}, data wait {row['data_wait_s']:.4f} s/step, "
+                          f"peak {row['peak_gib']:.2f} GiB", flush=True)
     table = format_table(rows, header_for(args, rows))
     print("\n" + table, flush=True)
+    for line in compile_comparison(rows):
+        print(line, flush=True)
     if args.out:
         out = Path(args.out)
         atomic_write_text(out.with_suffix(".md"), table + "\n")

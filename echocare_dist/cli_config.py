@@ -9,8 +9,9 @@ from .cli_args import add_config_args, config_from_args
 
 
 def _show(args) -> int:
+    from .redact import redact_tree
     cfg = config_from_args(args)
-    yaml.safe_dump(cfg.to_dict(), sys.stdout, sort_keys=False)
+    yaml.safe_dump(redact_tree(cfg.to_dict()), sys.stdout, sort_keys=False)
     return 0
 
 

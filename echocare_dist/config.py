@@ -196,7 +196,11 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None,
 
 
 def save_resolved(cfg: Config, directory: str | os.PathLike, name: str = "config.resolved.yaml") -> Path:
-    """Write the fully resolved config next to an output, so every artifact says how it was made."""
+    """Write the fully resolved config next to an output, so every artifact says how it was made.
+
+    Credentials in URIs (tracking.uri = https://user:password@host) are written as *** (redact.py):
+    the file travels with checkpoints, shards and MLflow artifacts."""
+    from .redact import redact_tree
     path = Path(directory) / name
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(redact_tree(cfg.to_dict()), sort_keys=False))
     return path

@@ -5,6 +5,7 @@ Unknown keys and values of the wrong type fail with the full dotted key in the m
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Literal
@@ -50,6 +51,9 @@ def _coerce(value, tp, key: str):
     if tp is tuple or origin is tuple:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
+        for item in value:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{key}: expected finite numbers, got {list(value)!r}")
         return tuple(value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -68,6 +72,10 @@ def _coerce(value, tp, key: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        # No config value means "infinite" or "undefined": inf / nan (YAML .inf / .nan) only ever come
+        # from a typo or a bad sweep, and optim.lr=inf trains NaN from step 1.
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -7,6 +7,7 @@ constant in code.
 """
 from __future__ import annotations
 
+import re
 import signal
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -21,6 +22,21 @@ class ConfigError(ValueError):
 def require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+DEVICE_VOCABULARY = "auto, cuda, cpu, cuda:N (a single process) or gpu (= cuda)"
+
+
+def parse_device(value, key: str, *, allow_index: bool = True) -> str:
+    """The one device vocabulary (echocare_dist/devices.py), canonical: 'auto' | 'cpu' | 'cuda' | 'cuda:N'."""
+    text = value.strip().lower() if isinstance(value, str) else ""
+    text = "cuda" if text == "gpu" else text
+    if text in ("auto", "cpu", "cuda"):
+        return text
+    if re.fullmatch(r"cuda:\d+", text):
+        require(allow_index, f"{key}={value!r}: a device index is not allowed here (use cuda)")
+        return f"cuda:{int(text[5:])}"
+    raise ConfigError(f"{key}={value!r}: expected {DEVICE_VOCABULARY}")
 
 
 @dataclass
@@ -39,11 +55,18 @@ class CurationConfig:
     dark_threshold: int = 12          # gray level under which a pixel counts as background for the crop
     crop_margin: int = 2              # pixels kept around the detected ultrasound content
     crop_min_feature: float = 0.04    # content is thicker than this share of the short side; thinner = overlay
-    crop_component_fraction: float = 0.05  # content pieces smaller than this share of the largest are dropped
-    crop_min_texture: float = 0.02    # speckle contrast below which a blob is flat graphics (logo, bar), not B-mode
+    crop_component_fraction: float = 0.2  # a textured group far from the main one is kept (a 2nd view) from this share of its area
+    crop_min_texture: float = 0.004   # speckle contrast below which a blob is graphics, not B-mode (0 = no test; BUSI tissue >= 0.0065)
     crop_blank_outside: bool = True   # zero what lies inside the crop box but outside the content (corner text)
+    crop_max_discard: float = 0.05    # a crop leaving out more of the textured content than this share -> crop_failed
+    crop_min_content: float = 0.01    # textured content under this share of the frame -> crop_failed (near-empty)
+    mask_name_patterns: tuple[str, ...] = ("*_mask*", "mask_*", "*_seg*", "*label*")  # file names of masks
+    label_conflict: Literal["union", "first", "drop"] = "drop"  # duplicates filed under different labels
     max_side: int = 1024              # larger frames are downscaled (keeps shards lean); 0 = never
-    near_dedup: bool = False          # perceptual-hash near-duplicate removal
+    # Frames of more pixels are rejected as `too_large` from the file header, before decoding (a
+    # 12000x12000 image costs ~6 GB and ~45 s to decode); 0 = no cap of ours (Pillow's own remains).
+    max_pixels: int = 64_000_000
+    near_dedup: bool = True           # perceptual-hash near-duplicate removal (calipers on/off, small shifts)
     near_dedup_similarity: float = 0.95
     jpeg_quality: int = 95
     shard_max_samples: int = 1000
@@ -72,7 +95,14 @@ class CurationConfig:
         require(0.0 < self.crop_component_fraction <= 1.0,
                 f"{prefix}.crop_component_fraction must be in (0, 1], got {self.crop_component_fraction}")
         require(self.max_side >= 0, f"{prefix}.max_side must be >= 0 (0 = never downscale), got {self.max_side}")
+        require(self.max_pixels >= 0, f"{prefix}.max_pixels must be >= 0 (0 = no cap), got {self.max_pixels}")
         require(self.min_nonzero >= 0, f"{prefix}.min_nonzero must be >= 0, got {self.min_nonzero}")
+        require(0.0 <= self.crop_max_discard < 1.0,
+                f"{prefix}.crop_max_discard must be in [0, 1), got {self.crop_max_discard}")
+        require(0.0 <= self.crop_min_content < 1.0,
+                f"{prefix}.crop_min_content must be in [0, 1), got {self.crop_min_content}")
+        require(all(isinstance(p, str) and p for p in self.mask_name_patterns),
+                f"{prefix}.mask_name_patterns must be non-empty glob strings, got {list(self.mask_name_patterns)}")
 
 
 @dataclass
@@ -151,7 +181,7 @@ class AugmentConfig:
 class DataConfig:
     shards: str = ""                   # directory holding shard-*.tar (+ .idx, manifest.json)
     loader: Literal["auto", "dali", "pil"] = "auto"   # auto: DALI when decoding on a GPU, else the PIL fallback
-    device: Literal["auto", "gpu", "cpu"] = "auto"    # where DALI decodes; auto: gpu if training on CUDA
+    device: str = "auto"               # where DALI decodes: auto | cuda | cpu (gpu = cuda); auto: cuda if training on CUDA
     num_threads: int = 2               # DALI CPU threads / DataLoader workers
     hw_decoder_load: float = 0.65      # share of JPEG decoding done by the hardware decoder (A100/H100)
     prefetch: int = 2
@@ -159,9 +189,16 @@ class DataConfig:
     seed: int = 0
     use_mmap: bool = False             # mmap the tars (local disks); plain reads survive truncated files on network FS
     max_quarantine_fraction: float = 0.1  # stop the run when more shards than this are damaged (systematic fault)
+    # Check each sample's .jpg against the CRC-32 in its .json (shardfmt CHECKSUM_KEY) as it is read;
+    # a mismatch is a damaged sample (quarantined, skipped). The PIL reader checks it (one more small
+    # read per sample); the DALI reader leaves it to `echocare shards verify`. Shards built before
+    # the checksum existed fail it: rebuild them (a rerun of `shards build` restages them).
+    verify_samples: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, prefix: str = "data") -> None:
+        # No index: DALI decodes on the rank's own training GPU.
+        parse_device(self.device, f"{prefix}.device", allow_index=False)
         require(self.num_threads >= 0,
                 f"{prefix}.num_threads must be >= 0 (0 = fallback loader in-process), got {self.num_threads}")
         require(self.prefetch >= 1, f"{prefix}.prefetch must be >= 1, got {self.prefetch}")
@@ -189,6 +226,9 @@ class ModelConfig:
     decoder: Literal["multiscale", "linear"] = "multiscale"
     decoder_dim: int = 256
     hie_head: bool = True
+    # torch.compile: blocks = each Swin block on its own (regional: small graphs, one recompile per
+    # block shape), full = the whole model; auto = blocks on CUDA, none on the CPU.
+    compile: Literal["auto", "none", "blocks", "full"] = "auto"
 
     def validate(self, prefix: str = "model") -> None:
         require(self.img_size > 0, f"{prefix}.img_size must be positive, got {self.img_size}")
@@ -249,6 +289,9 @@ class OptimConfig:
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                 f"{prefix}.betas must be two numbers in [0, 1), got {list(self.betas)}")
         require(self.lr > 0, f"{prefix}.lr must be positive, got {self.lr}")
+        require(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr must be in [0, {prefix}.lr={self.lr}], got {self.min_lr}")
+        require(self.lr_batch_ref > 0, f"{prefix}.lr_batch_ref must be positive, got {self.lr_batch_ref}")
+        require(self.weight_decay >= 0, f"{prefix}.weight_decay must be >= 0, got {self.weight_decay}")
         require(self.eps > 0, f"{prefix}.eps must be positive, got {self.eps}")
         require(self.warmup_steps >= 0, f"{prefix}.warmup_steps must be >= 0, got {self.warmup_steps}")
         require(self.grad_clip >= 0, f"{prefix}.grad_clip must be >= 0, got {self.grad_clip}")
@@ -271,16 +314,25 @@ class TrainConfig:
     resume: str = "auto"               # "auto" | "none" | path to a checkpoint dir
     preempt_signals: tuple = ("SIGTERM", "SIGUSR1")
     requeue_exit_code: int = 124       # documented: trainer exits with this after a preemption checkpoint
+    # Step-control vote (train/control.py: preemption, peer failure, non-finite flags) every N steps;
+    # 10 keeps a SIGTERM's checkpoint far inside Slurm's 600 s signal lead (reasoning in control.py).
+    preempt_check_every: int = 10
+    max_bad_steps: int = 5             # consecutive skipped NaN/Inf steps before the run stops (exit code 3)
     offload_optimizer: bool = False    # ZeRO-Offload of optimizer state to CPU (needs zero_stage >= 1)
     dist_timeout_s: int = 1800
     overlap_comm: bool = True          # overlap gradient reduction with backward (GPU only)
-    reduce_bucket_size: int = 500_000_000
+    device: str = "auto"               # auto | cuda | cpu | cuda:N (one process); gpu = cuda; auto: $ECHOCARE_DEVICE, else CUDA if usable
+    # ZeRO bucket sizes in elements; 0 = derived from the model (train/optim.py: bucket_sizes).
+    reduce_bucket_size: int = 0
+    allgather_bucket_size: int = 0     # 0 = reduce_bucket_size (derived or set)
+    prefetch_bucket_size: int = 0      # ZeRO-3 parameter prefetch; 0 = reduce_bucket_size
     peak_tflops: float = 0.0           # per device for MFU; 0 = GPU spec table, or measured on CPU
     universal_workers: int = 2         # processes for the world-size-change checkpoint conversion
 
     def validate(self, prefix: str = "train") -> None:
         require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage must be 0..3, got {self.zero_stage}")
-        for k in ("micro_batch", "grad_accum", "steps", "log_every", "ckpt_every", "image_every", "keep_last"):
+        for k in ("micro_batch", "grad_accum", "steps", "log_every", "ckpt_every", "image_every", "keep_last",
+                  "preempt_check_every", "max_bad_steps", "dist_timeout_s"):
             require(getattr(self, k) > 0, f"{prefix}.{k} must be positive, got {getattr(self, k)}")
         require(not self.offload_optimizer or self.zero_stage >= 1,
                 f"{prefix}.offload_optimizer=true needs {prefix}.zero_stage >= 1, got {self.zero_stage}")
@@ -293,6 +345,9 @@ class TrainConfig:
             require(isinstance(name, str) and name in signal.Signals.__members__,
                     f"{prefix}.preempt_signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
         require(self.peak_tflops >= 0, f"{prefix}.peak_tflops must be >= 0, got {self.peak_tflops}")
+        parse_device(self.device, f"{prefix}.device")
+        for k in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
+            require(getattr(self, k) >= 0, f"{prefix}.{k} must be >= 0 (0 = derived), got {getattr(self, k)}")
         require(self.universal_workers >= 1,
                 f"{prefix}.universal_workers must be >= 1, got {self.universal_workers}")
 
@@ -317,10 +372,14 @@ class FinetuneConfig:
     csv: str = ""                      # CSV with a header: path,label | path,mask | path,value
     split_file: str = ""               # CSV path,split (train/val; other values ignored); "" = seeded split
     val_fraction: float = 0.2          # seeded split (stratified per class for classification)
+    folds: int = 1                     # >= 2: K-fold cross-validation (group-aware), mean +- std per metric
+    split_similarity: float = 0.95     # pHash similarity that keeps near-duplicates on one side; 1.0 = exact only
     checkpoint: str = ""               # exported encoder (.safetensors, or the export directory)
     run_dir: str = "runs/finetune"
     mode: Literal["full", "linear_probe"] = "full"
+    init: Literal["pretrained", "random"] = "pretrained"  # random = the same architecture from scratch
     epochs: int = 10
+    early_stop_patience: int = 5       # stop after this many epochs without a better monitor value; 0 = off
     batch_size: int = 16
     lr: float = 1e-4                   # peak LR of the head; encoder layers get lr * layer_decay^depth
     min_lr: float = 1e-6               # end of the cosine schedule
@@ -329,25 +388,46 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     drop_path_rate: float = 0.1        # stochastic depth of the encoder during full fine-tuning
     grad_clip: float = 5.0             # max global grad norm; 0 = off
-    img_size: int = 256                # images (and masks for training) are resized to this square
+    img_size: int = 0                  # square training size; 0 = the export's pretraining img_size
     hflip_prob: float = 0.5            # training augmentation (images and masks together)
+    augment: bool = True               # + random scale/rotation/shift and brightness/contrast (finetune/augment.py)
+    balance: Literal["none", "loss", "sampler"] = "loss"  # classification: class-weighted CE or balanced sampling
     num_classes: int = 0               # 0 = inferred from the data
-    monitor: str = "auto"              # metric that picks the best epoch; auto = macro_f1 / dice / mae
+    monitor: str = "auto"              # metric that picks the best epoch; auto = macro_f1 / dice_lesion / mae
     mask_mode: Literal["auto", "binary", "ids"] = "auto"  # see echocare_dist/finetune/data.py
     mask_suffix: str = "_mask"         # masks/<stem><suffix>.<any ext> also matches images/<stem>.<ext>
+    image_pattern: str = ""            # with mask_pattern: pair stems by an {id}, e.g. Test_Image_{id} / mask_{id}
+    mask_pattern: str = ""
+    empty_masks: Literal["keep", "skip"] = "keep"  # all-background masks: keep (normal cases) or skip; counted
+    skip_mask_like: bool = True        # classification: leave mask files (curation rule) out of class folders
+    bootstrap: int = 1000              # resamples for the 95% CIs of the final metrics; 0 = off
     seg_decoder_dim: int = 64          # width of the segmentation decoder
     dice_loss_weight: float = 1.0      # segmentation loss = CE + w * soft Dice
     nsd_tolerance: float = 2.0         # NSD tolerance in pixels of the original mask
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     num_workers: int = 0
     seed: int = 0
-    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    device: str = "auto"               # auto | cpu | cuda | cuda:N (gpu = cuda)
     experiment: str = "echocare-finetune"  # MLflow experiment (tracking.uri / tracking.enabled apply)
 
     def validate(self, prefix: str = "finetune") -> None:
         require(0.0 < self.val_fraction < 1.0, f"{prefix}.val_fraction must be in (0, 1), got {self.val_fraction}")
-        for k in ("epochs", "batch_size", "img_size"):
+        for k in ("epochs", "batch_size"):
             require(getattr(self, k) > 0, f"{prefix}.{k} must be positive, got {getattr(self, k)}")
+        require(self.img_size >= 0, f"{prefix}.img_size must be 0 (the export's) or positive, got {self.img_size}")
+        require(self.folds >= 1, f"{prefix}.folds must be >= 1, got {self.folds}")
+        require(0.5 <= self.split_similarity <= 1.0,
+                f"{prefix}.split_similarity must be in [0.5, 1], got {self.split_similarity}")
+        require(self.early_stop_patience >= 0,
+                f"{prefix}.early_stop_patience must be >= 0, got {self.early_stop_patience}")
+        require(self.bootstrap >= 0, f"{prefix}.bootstrap must be >= 0, got {self.bootstrap}")
+        require(bool(self.image_pattern) == bool(self.mask_pattern),
+                f"{prefix}.image_pattern and {prefix}.mask_pattern must be set together, got "
+                f"{self.image_pattern!r} / {self.mask_pattern!r}")
+        for k in ("image_pattern", "mask_pattern"):
+            v = getattr(self, k)
+            require(not v or v.count("{id}") == 1,
+                    f"{prefix}.{k} must hold {{id}} exactly once (e.g. mask_{{id}}), got {v!r}")
         require(self.lr > 0 and 0 <= self.min_lr <= self.lr,
                 f"{prefix}.lr must be > 0 and 0 <= min_lr <= lr, got {self.lr}/{self.min_lr}")
         require(self.warmup_epochs >= 0, f"{prefix}.warmup_epochs must be >= 0, got {self.warmup_epochs}")
@@ -364,5 +444,4 @@ class FinetuneConfig:
                 f"{prefix}.dice_loss_weight must be >= 0, got {self.dice_loss_weight}")
         require(self.nsd_tolerance >= 0, f"{prefix}.nsd_tolerance must be >= 0, got {self.nsd_tolerance}")
         require(self.num_workers >= 0, f"{prefix}.num_workers must be >= 0, got {self.num_workers}")
-        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-                f"{prefix}.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        parse_device(self.device, f"{prefix}.device")

@@ -17,8 +17,12 @@ Loading, anywhere:
 or `load_encoder(".../encoder.safetensors")` (reads encoder.json, verifies the hash).
 
 Refused, with the reason: no `latest` (and no --tag), a tag directory without the trainer's
-completion marker or with missing rank files, weights whose shapes do not match the
-architecture the run's config names.
+completion marker or with missing rank files, a file whose SHA-256 differs from the one the
+marker recorded, a pickle that references anything but tensors, containers and the few numpy /
+DeepSpeed types a checkpoint holds (it could run code: we load with `weights_only=True` and scan
+every file before DeepSpeed's own loader sees it), weights whose shapes do not match the
+architecture the run's config names. Loading refuses an encoder.json without the architecture
+keys or the hash of the weights, and a truncated or garbage safetensors file, naming the file.
 """
 from __future__ import annotations
 
@@ -32,11 +36,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .export_load import (ENCODER_FILE, HEADS_FILE, META_FILE, ExportError, check_export_meta,  # noqa: F401
+                          load_encoder, read_export_meta, timm_kwargs)  # (re-exported: the public API)
+from .safe_load import check_pickle, torch_load_safe
+
 log = logging.getLogger(__name__)
 
-ENCODER_FILE = "encoder.safetensors"
-HEADS_FILE = "heads.safetensors"
-META_FILE = "encoder.json"
 FORMAT_VERSION = 1
 ENCODER_PREFIX = "encoder."
 # Prefixes a wrapper may add in front of the model's own names (DDP, torch.compile).
@@ -45,10 +50,6 @@ _OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_state
 _ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 STAGE012_MODEL_FILE = "mp_rank_00_model_states.pt"
 ZERO3_RANK0_MODEL_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"
-
-
-class ExportError(RuntimeError):
-    """The checkpoint cannot be exported; the message says which file and why."""
 
 
 # --------------------------------------------------------------------------------------
@@ -113,16 +114,6 @@ class CheckpointInfo:
     marker: dict | None          # the trainer's meta.json (completion marker), if any
 
 
-def _torch_load(path: Path) -> dict:
-    import torch
-    try:
-        # mmap: a ZeRO-0 Swin-L module is ~0.8 GB; pages are read only when a tensor is touched.
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - a truncated/corrupt file surfaces here
-        raise ExportError(f"cannot read {path}: {type(exc).__name__}: {exc} "
-                          f"(a partial or corrupt checkpoint file)") from exc
-
-
 def inspect_checkpoint(ref: CheckpointRef, require_marker: bool = True) -> CheckpointInfo:
     """Refuse a tag directory that is incomplete: no marker, missing model or optimizer rank files."""
     from .train.checkpoint import META
@@ -139,6 +130,14 @@ def inspect_checkpoint(ref: CheckpointRef, require_marker: bool = True) -> Check
                           f"saving, so this checkpoint is partial (a crash or preemption mid-save). Export "
                           f"the previous checkpoint (--tag), or pass --allow-unmarked for a DeepSpeed "
                           f"checkpoint that was not written by `echocare pretrain`")
+    if marker is not None:
+        from .train.checkpoint import verify_files
+        if "files" not in marker:
+            log.warning("%s records no file hashes (a checkpoint older than them): files not verified",
+                        tag_dir / META)
+        damaged = verify_files(tag_dir, marker)
+        if damaged:
+            raise ExportError(f"{tag_dir} is damaged: " + "; ".join(damaged[:5]))
     names = {p.name for p in tag_dir.iterdir() if p.is_file()}
     optim_ranks = sorted(int(m.group(1)) for n in names if (m := _OPTIM_RE.match(n)))
     zero3_ranks = sorted(int(m.group(1)) for n in names if (m := _ZERO3_MODEL_RE.match(n)))
@@ -149,7 +148,7 @@ def inspect_checkpoint(ref: CheckpointRef, require_marker: bool = True) -> Check
     else:
         raise ExportError(f"{tag_dir} holds no model states file ({STAGE012_MODEL_FILE} or "
                           f"{ZERO3_RANK0_MODEL_FILE}): incomplete checkpoint")
-    states = _torch_load(rank0_file)
+    states = torch_load_safe(rank0_file)
     ds_zero = (states.get("ds_config") or {}).get("zero_optimization") or {}
     stage = int(ds_zero.get("stage", 3 if rank0_file.name == ZERO3_RANK0_MODEL_FILE else 0))
     world = int(states.get("dp_world_size") or 1)
@@ -189,6 +188,8 @@ def consolidated_state_dict(ref: CheckpointRef, info: CheckpointInfo, progress: 
                         ref.tag_dir, "/".join(low))
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        for f in sorted(ref.tag_dir.glob("*.pt")):
+            check_pickle(f)  # DeepSpeed's consolidator loads with weights_only=False
         try:
             # lazy: shards are gathered tensor by tensor below, never two full copies at once.
             tensors = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag, lazy_mode=True)
@@ -385,63 +386,6 @@ def write_export(weights: dict, cfg, out: str | Path, dtype: str = "fp32", with_
     )
     atomic_write_json(out / META_FILE, meta)  # written last: its hashes vouch for the files above
     return meta
-
-
-# --------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------
-def read_export_meta(path: str | Path) -> tuple[Path, dict]:
-    """(encoder.safetensors path, encoder.json content) from either file or their directory."""
-    path = Path(path).expanduser()
-    weights = path / ENCODER_FILE if path.is_dir() else path
-    meta_path = weights.parent / META_FILE
-    if not weights.is_file():
-        raise ExportError(f"{weights} does not exist (expected an `echocare export` output)")
-    if not meta_path.is_file():
-        raise ExportError(f"{meta_path} is missing: it describes the architecture of {weights.name}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as exc:
-        raise ExportError(f"{meta_path} is not valid JSON: {exc}") from exc
-    return weights, meta
-
-
-def timm_kwargs(meta: dict, img_size: int | None = None, drop_path_rate: float = 0.0) -> dict:
-    """The `timm.create_model` arguments that rebuild an exported encoder (pretrained=False)."""
-    return dict(model_name=meta["arch"], pretrained=False, num_classes=0,
-                img_size=img_size or meta["img_size"], patch_size=meta["patch_size"],
-                window_size=meta["window_size"], in_chans=meta["in_chans"], embed_dim=meta["embed_dim"],
-                depths=tuple(meta["depths"]), num_heads=tuple(meta["num_heads"]), drop_path_rate=drop_path_rate)
-
-
-def load_encoder(path: str | Path, img_size: int | None = None, drop_path_rate: float = 0.0,
-                 verify: bool = True):
-    """An exported encoder as a plain timm SwinTransformer (fp32, CPU, eval mode).
-
-    `img_size` other than the pretraining one is allowed when the window still tiles every
-    stage; timm's Swin checkpoint filter resizes what depends on it.
-    """
-    import timm
-    from safetensors.torch import load_file
-    from timm.models.swin_transformer import checkpoint_filter_fn
-
-    weights, meta = read_export_meta(path)
-    if verify:
-        expected = meta.get("files", {}).get("encoder", {}).get("sha256")
-        from .atomic import file_sha256
-        actual = file_sha256(weights)
-        if expected and actual != expected:
-            raise ExportError(f"{weights}: SHA-256 {actual} differs from {expected} in "
-                              f"{META_FILE} (a corrupt or replaced file)")
-    model = timm.create_model(**timm_kwargs(meta, img_size, drop_path_rate))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
-    state = checkpoint_filter_fn(state, model)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ExportError(f"{weights} does not fit {meta['arch']} as described in {META_FILE}: {exc}") from exc
-    model.echocare_meta = meta  # the runner reads normalisation and provenance from here
-    return model.eval()
 
 
 # --------------------------------------------------------------------------------------

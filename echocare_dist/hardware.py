@@ -105,3 +105,29 @@ def peak_tflops(device: torch.device, precision: str, configured: float = 0.0) -
     # CPU matmuls have no fp16 fast path worth measuring; fp16 training there runs fp32 math.
     cpu_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return measure_matmul_tflops(device, cpu_dtype), "measured CPU matmul"
+
+
+# HBM bandwidth per device, GB/s (10^9 bytes/s), from the same datasheets as PEAK_TFLOPS:
+#   H100 SXM 3.35 TB/s, PCIe 2 TB/s, NVL 3.9 TB/s; H200 SXM / NVL 4.8 TB/s; GH200 (HBM3, 96 GB) 4 TB/s;
+#   A100 80GB SXM 2,039 GB/s (40GB: 1,555; 80GB PCIe: 1,935); B200 8 TB/s; L40S 864 GB/s; A10 600 GB/s.
+# Memory-bound kernels (the masked L1) are judged against this figure.
+HBM_GBPS: dict[str, float] = {
+    "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H200 SXM": 4800.0, "H200 NVL": 4800.0,
+    "GH200": 4000.0, "A100": 2039.0, "B200": 8000.0, "L40S": 864.0, "A10": 600.0,
+}
+
+
+def hbm_bandwidth_gbps(index: int = 0) -> tuple[float, str]:
+    """(HBM peak GB/s of CUDA device `index`, where it came from): the datasheet table for a known
+    GPU, else 2 x memory clock x bus width from the device properties (NaN when torch lacks them)."""
+    name = torch.cuda.get_device_name(index)
+    key = match_device(name)
+    if key == "A100" and re.search(r"\b40GB\b", name, re.IGNORECASE):
+        return 1555.0, "spec table (A100 40GB)"
+    if key is not None:
+        return HBM_GBPS[key], f"spec table ({key})"
+    props = torch.cuda.get_device_properties(index)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, f"device properties ({name}: DDR clock x bus width)"
+    return float("nan"), f"unknown ({name} not in the table, no memory clock in its properties)"

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Callable, Mapping, NamedTuple
 from urllib.parse import urlsplit
 
+from . import devices, runlock
 from .config import Config, ConfigError
+from .config_sections import parse_device
 from .ontology import Ontology, OntologyError, load_ontology
 
 TIMEOUT_ENV = "ECHOCARE_PREFLIGHT_TIMEOUT_S"
@@ -41,8 +43,9 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
-        shown = self.value if self.value != "" else "''"
-        return f"{self.key}={shown}: {self.reason}"
+        from .redact import redact
+        shown = redact(str(self.value)) if self.value != "" else "''"
+        return f"{self.key}={shown}: {redact(self.reason)}"
 
 
 class PreflightError(ConfigError):
@@ -163,6 +166,13 @@ def check_run_dir(ctx: PreflightContext) -> list[Problem]:
     return problems
 
 
+def check_run_dir_lock(ctx: PreflightContext) -> list[Problem]:
+    """Another live run on this run directory (runlock.py): refused before it could prune ours."""
+    run_dir = ctx.cfg.train.run_dir
+    reason = runlock.probe(ctx.cfg.resolve_path(run_dir))
+    return [Problem("train.run_dir", run_dir, reason)] if reason else []
+
+
 def _tcp_problem(host: str, port: int, timeout_s: float) -> str | None:
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
@@ -211,7 +221,7 @@ def check_tracking(ctx: PreflightContext) -> list[Problem]:
 
 
 def check_device(ctx: PreflightContext) -> list[Problem]:
-    if ctx.cfg.data.device != "gpu":
+    if parse_device(ctx.cfg.data.device, "data.device", allow_index=False) != "cuda":
         return []
     import torch
     if torch.cuda.is_available():
@@ -223,20 +233,50 @@ def check_device(ctx: PreflightContext) -> list[Problem]:
                                           "(torch.cuda.is_available() is false); use data.device=cpu or auto")]
 
 
+def check_cuda(ctx: PreflightContext) -> list[Problem]:
+    """CUDA asked for (train.device, $ECHOCARE_DEVICE, GPUs allocated by Slurm or a launcher) but not
+    usable: stop with the cause instead of training on the CPU. Then the rank -> GPU mapping."""
+    try:
+        request = devices.cuda_request(ctx.cfg, ctx.environ)
+    except ConfigError as exc:  # a bad $ECHOCARE_DEVICE (train.device itself was validated)
+        return [Problem(devices.ENV_VAR, ctx.environ.get(devices.ENV_VAR, ""), str(exc))]
+    spec_key, spec = devices.train_device_spec(ctx.cfg.train.device, ctx.environ)
+    if request is not None:
+        key, value = request
+        reason = devices.cuda_problem(ctx.environ)
+        if reason:
+            return [Problem(key, value, f"CUDA was asked for but is not usable: {reason}")]
+    elif spec != "auto" or not (devices.driver_present() and devices.torch_cuda_available()):
+        # A CPU run, chosen or by default on a machine without a GPU driver (asked first: it
+        # costs no torch import, so a CPU machine's pre-flight stays light).
+        return []
+    env = ctx.environ
+    local_rank = int(env.get("LOCAL_RANK") or env.get("SLURM_LOCALID") or 0)
+    world = int(env.get("WORLD_SIZE") or env.get("SLURM_STEP_NUM_TASKS") or 1)
+    try:
+        devices.rank_device(spec, local_rank=local_rank, local_ranks=devices.local_world_size(env),
+                            world_size=world, visible=devices.torch_device_count(), key=spec_key)
+    except devices.DeviceError as exc:
+        return [Problem(spec_key, spec, str(exc))]
+    return []
+
+
 class Check(NamedTuple):
     name: str
     run: Callable[[PreflightContext], list[Problem]]
 
 
-# Order is report order. Extend here: run-dir lock (reliability), CUDA driver and device count
-# (GPU), node resolution and per-host mounts (multi-node).
+# Order is report order. Extend here: node resolution and per-host
+# mounts (multi-node).
 CHECKS: tuple[Check, ...] = (
     Check("config", check_config),
     Check("ontology", check_ontology),
     Check("shards", check_shards),
     Check("run_dir", check_run_dir),
+    Check("run_dir_lock", check_run_dir_lock),
     Check("tracking", check_tracking),
     Check("device", check_device),
+    Check("cuda", check_cuda),
 )
 
 

@@ -9,6 +9,9 @@ run whose id the checkpoint recorded, so one training is one MLflow run across r
 A tracking outage must not kill a multi-day run: after a successful start, logging errors
 are reported (once per kind) and training goes on. Failing to start is an error, so a
 misconfigured URI is seen at once.
+
+Credentials in the URI (user:password@, ?token=) never leave this module: messages, logs and
+params show the URI through redact.py.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Iterable
+
+from .redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +43,13 @@ def resolve_tracking_uri(uri: str, run_dir: Path) -> tuple[str, str | None]:
 
 
 def flatten(obj, prefix: str = "") -> dict[str, str]:
-    """{'train': {'steps': 40}} -> {'train.steps': '40'}; lists become their repr."""
+    """{'train': {'steps': 40}} -> {'train.steps': '40'}; lists become their repr; credentials are masked."""
     out: dict[str, str] = {}
     if isinstance(obj, dict):
         for key, value in obj.items():
             out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     else:
-        out[prefix] = str(obj)[:MAX_PARAM_VALUE]
+        out[prefix] = redact(str(obj))[:MAX_PARAM_VALUE]
     return out
 
 
@@ -64,6 +69,7 @@ class Tracker:
         self._warned: set[str] = set()
         if active:
             self.uri, self._artifact_location = resolve_tracking_uri(uri, Path(run_dir))
+            self.shown_uri = redact(self.uri)  # for messages: the real one goes to the client only
             self.experiment, self.run_name = experiment, run_name
 
     # ------------------------------------------------------------------ lifecycle
@@ -81,11 +87,11 @@ class Tracker:
                     self._client.get_run(resume_run_id)
                     self._client.update_run(resume_run_id, status="RUNNING")
                     self.run_id = resume_run_id
-                    log.info("MLflow: continuing run %s at %s", self.run_id, self.uri)
+                    log.info("MLflow: continuing run %s at %s", self.run_id, self.shown_uri)
                     return self.run_id
                 except MlflowException:
                     log.warning("MLflow run %s (from the checkpoint) is not in %s; starting a new run",
-                                resume_run_id, self.uri)
+                                resume_run_id, self.shown_uri)
             exp = self._client.get_experiment_by_name(self.experiment)
             if exp is None:
                 exp_id = self._client.create_experiment(self.experiment, artifact_location=self._artifact_location)
@@ -97,11 +103,11 @@ class Tracker:
             run = self._client.create_run(exp_id, run_name=self.run_name or None, tags=tags)
             self.run_id = run.info.run_id
         except MlflowException as exc:
-            raise TrackingError(f"cannot start an MLflow run at {self.uri} "
-                                f"(experiment {self.experiment!r}): {exc}") from exc
+            raise TrackingError(f"cannot start an MLflow run at {self.shown_uri} "
+                                f"(experiment {self.experiment!r}): {redact(str(exc))}") from None
         except OSError as exc:
-            raise TrackingError(f"cannot reach MLflow at {self.uri}: {exc}") from exc
-        log.info("MLflow: run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
+            raise TrackingError(f"cannot reach MLflow at {self.shown_uri}: {redact(str(exc))}") from None
+        log.info("MLflow: run %s in experiment %r at %s", self.run_id, self.experiment, self.shown_uri)
         return self.run_id
 
     def finish(self, status: str) -> None:
@@ -118,15 +124,16 @@ class Tracker:
             if what not in self._warned:
                 self._warned.add(what)
                 log.warning("MLflow %s failed (training continues; further failures of this kind are "
-                            "not reported): %s", what, exc)
+                            "not reported): %s", what, redact(str(exc)))
 
     def log_params(self, params: dict[str, str]) -> None:
         """Log new params; on a resumed run, changed values are recorded as tags (MLflow params are immutable)."""
         def do():
             from mlflow.entities import Param, RunTag
             existing = self._client.get_run(self.run_id).data.params
-            new = [Param(k, v) for k, v in params.items() if k not in existing]
-            changed = [RunTag(f"changed_on_resume.{k}", v) for k, v in params.items()
+            clean = {k: redact(v) for k, v in params.items()}
+            new = [Param(k, v) for k, v in clean.items() if k not in existing]
+            changed = [RunTag(f"changed_on_resume.{k}", v) for k, v in clean.items()
                        if k in existing and existing[k] != v]
             for chunk in _chunks(new, PARAMS_PER_BATCH):
                 self._client.log_batch(self.run_id, params=chunk)

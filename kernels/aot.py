@@ -8,6 +8,11 @@ logits in fp32, bf16 or fp16 depending on train.precision; target fp32 by the ba
 The batch size is not specialized on (do_not_specialize), so one batch per preset covers all. A compile error for any
 GPU arch therefore fails CI (tests/test_kernels_aot.py) instead of the first cluster job.
 
+Spill gate: each cubin's PTX goes once more through the ptxas that Triton itself uses, with `-v`,
+which reports registers per thread, stack frame and spill stores / loads; a variant that spills
+(registers pushed out to local memory, i.e. slow global traffic in the inner loop) fails the run
+like a compile error. Shared memory is Triton's own figure (compiled.metadata.shared).
+
     python -m echocare_dist.kernels.aot [--arch 80 90] [--workers 2] [--json out.json]
 
 Run it without TRITON_INTERPRET (interpreted kernels cannot be compiled).
@@ -16,7 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +122,62 @@ def unique_variants(shapes: list[Shape]) -> list[tuple[str, Launch]]:
     return list(seen.values())
 
 
+_PTXAS_PATTERNS = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "stack_bytes": re.compile(r"(\d+) bytes stack frame"),
+    "spill_store_bytes": re.compile(r"(\d+) bytes spill stores"),
+    "spill_load_bytes": re.compile(r"(\d+) bytes spill loads"),
+}
+
+
+def parse_ptxas_log(log: str) -> dict:
+    """{registers, stack_bytes, spill_store_bytes, spill_load_bytes} from `ptxas -v` output (one kernel)."""
+    out = {}
+    for key, pattern in _PTXAS_PATTERNS.items():
+        found = pattern.findall(log)
+        if len(found) != 1:
+            raise ValueError(f"ptxas -v output: expected one '{pattern.pattern}', found {len(found)} in:\n{log[-2000:]}")
+        out[key] = int(found[0])
+    return out
+
+
+def ptxas_path(arch: int) -> str:
+    """The ptxas Triton compiles with (TRITON_PTXAS_PATH, else the one bundled with Triton)."""
+    import triton
+    override = os.environ.get("TRITON_PTXAS_BLACKWELL_PATH" if arch >= 100 else "TRITON_PTXAS_PATH")
+    path = override or str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+                           / ("ptxas-blackwell" if arch >= 100 else "ptxas"))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"ptxas not found at {path} (set TRITON_PTXAS_PATH)")
+    return path
+
+
+def resource_usage(ptx: str, arch: int) -> dict:
+    """Registers, stack and spills of one kernel's PTX for sm_`arch`, as `ptxas -v` reports them.
+    Same arch name as Triton's own build (sm_90 -> sm_90a, the wgmma/TMA target)."""
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        Path(src).write_text(ptx)
+        proc = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+                               "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"ptxas -v failed ({proc.returncode}) for sm_{arch}: {proc.stderr[-2000:]}")
+    return parse_ptxas_log(proc.stderr + proc.stdout)
+
+
+def spill_free(rec: dict) -> bool:
+    return rec.get("spill_store_bytes", 1) == 0 and rec.get("spill_load_bytes", 1) == 0
+
+
+def _status(rec: dict) -> str:
+    if not rec["ok"]:
+        return "FAILED " + rec.get("error", "no cubin")
+    usage = (f"{rec['registers']:3d} regs  {rec['shared_bytes']:6d} B smem  spills "
+             f"{rec['spill_store_bytes']}/{rec['spill_load_bytes']} B")
+    return usage + ("" if spill_free(rec) else "  SPILLS")
+
+
 def _compile_slice(archs, shapes, start: int, step: int, log) -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -131,13 +196,13 @@ def _compile_slice(archs, shapes, start: int, step: int, log) -> list[dict]:
                                           options={"num_warps": launch.num_warps})
                 rec.update(ok=bool(compiled.asm.get("cubin")), shared_bytes=int(compiled.metadata.shared),
                            ptx_lines=compiled.asm["ptx"].count("\n"))
+                rec.update(resource_usage(compiled.asm["ptx"], arch))
             except Exception as exc:  # noqa: BLE001 - every failure is reported, the caller decides
                 rec.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
             rec["seconds"] = round(time.perf_counter() - t0, 3)
             records.append(rec)
             if log:
-                status = "ok" if rec["ok"] else "FAILED " + rec.get("error", "no cubin")
-                log(f"{rec['arch']} {rec['kernel']:<24} {rec['seconds']:6.2f}s {status}  [{tag}]")
+                log(f"{rec['arch']} {rec['kernel']:<24} w{rec['num_warps']} {rec['seconds']:6.2f}s {_status(rec)}  [{tag}]")
     return records
 
 
@@ -154,8 +219,8 @@ def compile_all(archs=ARCHS, shapes: list[Shape] | None = None, workers: int = 1
         records = [rec for part in parts for rec in part.result()]
     if log:
         for rec in records:
-            status = "ok" if rec["ok"] else "FAILED " + rec.get("error", "no cubin")
-            log(f"{rec['arch']} {rec['kernel']:<24} {rec['seconds']:6.2f}s {status}  [{rec['example']}]")
+            log(f"{rec['arch']} {rec['kernel']:<24} w{rec['num_warps']} {rec['seconds']:6.2f}s {_status(rec)}  "
+                f"[{rec['example']}]")
     return records
 
 
@@ -170,9 +235,15 @@ def main(argv=None) -> int:
         from echocare_dist.atomic import atomic_write_text
         atomic_write_text(args.json, json.dumps(records, indent=1))
     failed = [r for r in records if not r["ok"]]
+    spilled = [r for r in records if r["ok"] and not spill_free(r)]
     print(f"{len(records) - len(failed)}/{len(records)} kernel variants compiled for "
-          + ", ".join(f"sm_{a}" for a in args.arch))
-    return 1 if failed else 0
+          + ", ".join(f"sm_{a}" for a in args.arch) + f"; {len(spilled)} with register spills"
+          + (" (max registers per thread: " + str(max(r["registers"] for r in records if r["ok"])) + ")"
+             if len(failed) < len(records) else ""))
+    for r in spilled:
+        print(f"SPILL {r['arch']} {r['kernel']} w{r['num_warps']}: {r['spill_store_bytes']} B stores / "
+              f"{r['spill_load_bytes']} B loads  [{r['example']}]")
+    return 1 if failed or spilled else 0
 
 
 if __name__ == "__main__":

@@ -2,8 +2,15 @@
 
 impl: "auto" = Triton when every tensor is on CUDA and Triton imports, the reference otherwise;
 "triton" / "torch" force one (config: loss.impl). Both give a float32 scalar loss.
+Triton in interpreter mode (TRITON_INTERPRET=1, read when the kernels are defined) is for CPU
+tests: on CUDA tensors it is refused (~1000x slower), never a quiet slow path. `impl=auto` on
+CUDA without an importable Triton warns once and uses the reference. `describe_impl` says which
+implementation a run gets, for its start-up line.
 """
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 
@@ -20,9 +27,27 @@ except Exception as exc:  # noqa: BLE001 - a broken Triton install must not brea
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 HAS_TRITON = TRITON_IMPORT_ERROR is None
+# Triton reads the variable when @triton.jit decorates, i.e. when our kernel modules import below.
+TRITON_INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false")
+_warned_fallback = False
 if HAS_TRITON:  # our kernel modules import plainly: a fault in them is ours and must surface
     from .hierarchical import coherent_probs_triton, hierarchical_minmax_loss_triton
     from .masked_l1 import masked_l1_loss_triton
+
+
+def _refuse_interpreter_on_cuda(tensors) -> None:
+    if TRITON_INTERPRETED and any(t.is_cuda for t in tensors):
+        raise RuntimeError("TRITON_INTERPRET=1 is set, so the Triton kernels run in the interpreter (~1000x "
+                           "slower), and these tensors are on CUDA: unset TRITON_INTERPRET (it is for CPU "
+                           "tests) or use loss.impl=torch")
+
+
+def _warn_fallback_once() -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(f"loss.impl=auto on CUDA uses the PyTorch reference losses: Triton cannot be imported "
+                      f"({TRITON_IMPORT_ERROR})", RuntimeWarning, stacklevel=4)
 
 
 def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
@@ -31,10 +56,33 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
     if impl == "triton":
         if not HAS_TRITON:
             raise RuntimeError(f"impl='triton' but Triton cannot be imported ({TRITON_IMPORT_ERROR})")
+        _refuse_interpreter_on_cuda(tensors)
         return True
     if impl == "auto":
-        return HAS_TRITON and all(t.is_cuda for t in tensors)
+        on_cuda = all(t.is_cuda for t in tensors)
+        if on_cuda and not HAS_TRITON:
+            _warn_fallback_once()
+        if on_cuda and HAS_TRITON:
+            _refuse_interpreter_on_cuda(tensors)
+        return HAS_TRITON and on_cuda
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def describe_impl(impl: str, device: torch.device | str) -> str:
+    """The loss implementation `impl` gets for tensors on `device`: 'triton compiled',
+    'triton interpreted' or 'torch reference' (with the reason when auto falls back)."""
+    on_cuda = torch.device(device).type == "cuda"
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return "torch reference"
+    if not HAS_TRITON:
+        if impl == "triton":
+            raise RuntimeError(f"impl='triton' but Triton cannot be imported ({TRITON_IMPORT_ERROR})")
+        return f"torch reference (Triton does not import: {TRITON_IMPORT_ERROR})" if on_cuda else "torch reference"
+    if impl == "auto" and not on_cuda:
+        return "torch reference"
+    return "triton interpreted" if TRITON_INTERPRETED else "triton compiled"
 
 
 def _same_device(**tensors: torch.Tensor) -> None:

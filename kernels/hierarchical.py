@@ -28,6 +28,12 @@ from ._triton_common import Launch, check_triton_device, finalize_mean, is_inter
 # GPU: 2 rows x 128 nodes x 16 table entries per program = 4096 live gathers. Interpreter: big
 # tiles, since every program costs ~1 ms whatever its size.
 GPU_BLOCK_B, GPU_MAX_BLOCK_C, GPU_MAX_BLOCK_K, GPU_WARPS = 2, 128, 16, 4
+# The forward walks both tables (min over A*, max over D*) and keeps value, node and NaN node
+# of each live: with 4 warps (32 tile elements per thread) it needs 255 registers and spills
+# 120 B (fp32) / 236 B (bf16) per thread on sm_90. 8 warps halve the elements per thread with the
+# same tile (no spill on sm_80 / sm_90, the AOT gate checks it) and keep the tiny grid (B/2
+# programs at C <= 128) as parallel as before; BLOCK_K=8 would instead double the table passes.
+GPU_FWD_WARPS = 8
 INTERPRETER_BLOCK_B, INTERPRETER_MAX_BLOCK_C, INTERPRETER_MAX_BLOCK_K = 64, 128, 64
 NO_NODE = tl.constexpr(2 ** 31 - 1)   # "no node yet": above every node index
 
@@ -178,7 +184,8 @@ def hier_geometry(logits, ancestor_table, descendant_table, blocks=None) -> Hier
 def hier_forward_launch(logits, labels, anc, desc, coef, arg, partial_sum, partial_count, geo: HierGeometry) -> Launch:
     return Launch(_hier_fwd_kernel, geo.grid,
                   (logits, labels, anc, desc, coef, arg, partial_sum, partial_count, *geo.shape_args,
-                   *logits.stride(), *labels.stride(), anc.stride(0), desc.stride(0)), geo.constexprs, GPU_WARPS)
+                   *logits.stride(), *labels.stride(), anc.stride(0), desc.stride(0)), geo.constexprs,
+                  GPU_FWD_WARPS)
 
 
 def hier_backward_launch(coef, arg, labels, anc, desc, inv_count, grad_out, grad, geo: HierGeometry) -> Launch:

@@ -12,7 +12,9 @@ Ranks come from the launcher's environment (RANK/WORLD_SIZE/LOCAL_RANK, or SLURM
 Exit codes: 0 = reached train.steps; 124 (train.requeue_exit_code) = preempted by SIGTERM/SIGUSR1
 after writing a complete checkpoint, requeue the job; 2 = bad config, failed pre-flight (shards,
 run directory, tracking server, device: echocare_dist/preflight.py, checked by every rank before any
-process group) or incompatible checkpoint; anything else = crash. (torchrun reports a failed rank
+process group, incl. a run directory locked by another run) or incompatible checkpoint; 3 = stopped
+after train.max_bad_steps consecutive non-finite (NaN/Inf) steps; 1 or anything else = crash (a rank
+whose peer failed exits 1 within seconds, naming the peer's error). (torchrun reports a failed rank
 as 1; the deepspeed launcher and srun pass the rank's code through.)
 """
 import sys

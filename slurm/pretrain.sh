@@ -48,7 +48,10 @@
 #                           container: python from the image's PATH)
 #   ECHOCARE_ENTRY          training entry point, absolute or relative to the code directory
 #                           (default launch/pretrain.py)
-#   ECHOCARE_DEVICE         gpu | cpu (default: gpu when Slurm allocated GPUs to the job, else cpu)
+#   ECHOCARE_DEVICE         cuda | cpu | auto (gpu = cuda; default: cuda when Slurm allocated GPUs to the
+#                           job, else cpu). Exported to every rank, where it stands in for train.device=auto:
+#                           with cuda, a rank that cannot use CUDA stops in its pre-flight (exit 2) instead
+#                           of training on the CPU
 #   ECHOCARE_MASTER_PORT    rendezvous port (default: derived from the job id)
 #   ECHOCARE_REQUEUE_CODE   trainer exit code that means "checkpointed, requeue me" (default 124,
 #                           keep equal to train.requeue_exit_code)
@@ -117,14 +120,18 @@ export WORLD_SIZE="$SLURM_NTASKS"
 
 device="${ECHOCARE_DEVICE:-}"
 if [ -z "$device" ]; then
-    if [ "${SLURM_GPUS_ON_NODE:-0}" -gt 0 ] 2>/dev/null || [ -n "${SLURM_JOB_GPUS:-}" ]; then device=gpu; else device=cpu; fi
+    if [ "${SLURM_GPUS_ON_NODE:-0}" -gt 0 ] 2>/dev/null || [ -n "${SLURM_JOB_GPUS:-}" ]; then device=cuda; else device=cpu; fi
 fi
+# The vocabulary of train.device (echocare_dist/devices.py); cuda:N fits one process, not srun's tasks.
 case "$device" in
-    gpu) ;;
+    gpu|GPU|cuda|CUDA) device=cuda ;;
+    auto) ;;
     # A node's GPUs can be visible to a job that was not given them (no cgroup device limits).
     cpu) export CUDA_VISIBLE_DEVICES="" ;;
-    *) die "ECHOCARE_DEVICE=$device: expected gpu or cpu" ;;
+    *) die "ECHOCARE_DEVICE=$device: expected cuda, cpu or auto (gpu = cuda; cuda:N fits a single process, not srun tasks)" ;;
 esac
+# Read by every rank (train.device=auto defers to it): the choice made here reaches Python.
+export ECHOCARE_DEVICE="$device"
 # One rank per task: keep each rank's intra-op threads inside its own CPUs.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 export PYTHONUNBUFFERED=1

@@ -62,3 +62,55 @@ def tiny_shards(tmp_path_factory, synth_dataset, ontology):
     out = tmp_path_factory.mktemp("shards")
     build_shards([synth_dataset.mapping], out, cfg, ontology, progress=False)
     return out
+
+
+# ------------------------------------------------------------------ fault table (issue 11)
+# Every test marked `fault` injects one failure (damaged shard, disk full, killed rank, ...). At the
+# end of a run that included any, one line re-measures the figures: passed = clean; failed on a
+# pytest-timeout = hang; failed on an AssertionError = silent (the fault went unnoticed or gave a
+# wrong result); any other exception, in the test or its fixtures = crash.
+_FAULT_KINDS = ("clean", "crash", "hang", "silent")
+
+
+def _fault_kind(report) -> str | None:
+    if report.passed:
+        return "clean" if report.when == "call" else None
+    if report.skipped:
+        return None
+    crash = getattr(report.longrepr, "reprcrash", None)
+    message = crash.message if crash is not None else str(report.longrepr)
+    if message.startswith("Failed: Timeout") or "Timeout >" in message.split("\n", 1)[0]:
+        return "hang"
+    if message.startswith("AssertionError") or message.startswith("assert "):
+        return "silent"
+    return "crash"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if item.get_closest_marker("fault") is not None:
+        kind = _fault_kind(report)
+        if kind is not None:
+            report.user_properties.append(("fault_kind", kind))
+
+
+def pytest_terminal_summary(terminalreporter):
+    outcomes: dict[str, str] = {}   # test id -> worst kind over its phases
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            kind = dict(getattr(report, "user_properties", ())).get("fault_kind")
+            if kind is None:
+                continue
+            seen = outcomes.get(report.nodeid)
+            if seen is None or seen == "clean":  # a failed teardown after a passed call counts
+                outcomes[report.nodeid] = kind
+    if not outcomes:
+        return
+    counts = {k: sum(v == k for v in outcomes.values()) for k in _FAULT_KINDS}
+    terminalreporter.write_sep("-", "fault injection")
+    terminalreporter.write_line(f"fault table: tried {len(outcomes)}, " + ", ".join(f"{k} {counts[k]}" for k in _FAULT_KINDS))
+    for nodeid, kind in sorted(outcomes.items()):
+        if kind != "clean":
+            terminalreporter.write_line(f"  {kind}: {nodeid}")

@@ -23,8 +23,15 @@ def test_demo_runs_the_whole_chain(python_exe, tmp_path):
               if "loss" in json.loads(line)]
     assert losses[-1] < losses[0]
     assert (out / "export" / "encoder.safetensors").stat().st_size > 0
-    for task, metric in (("classification", "val_auc"), ("segmentation", "val_dice")):
-        metrics = json.loads((out / f"finetune-{task}" / "metrics.json").read_text())
+    for run, task, metric in (("finetune-classification/pretrained", "classification", "val_auc"),
+                              ("finetune-classification/random", "classification", "val_auc"),
+                              ("finetune-segmentation", "segmentation", "val_dice_lesion")):
+        metrics = json.loads((out / run / "metrics.json").read_text())
         assert metrics["task"] == task and metric in metrics["best"]
-        assert (out / f"finetune-{task}" / "best.safetensors").exists()
+        assert (out / run / "best.safetensors").exists()
+    # the summary ends with the evaluate table (3 methods) and says plainly it is a smoke test
+    evaluation = json.loads((out / "finetune-classification" / "evaluate.json").read_text())
+    assert list(evaluation["rows"]) == ["pretrained", "random init", "logreg 32x32 px"]
+    tail = summary[summary.index("echocare evaluate: classification"):]
+    assert all(name in tail for name in evaluation["rows"]) and "SMOKE TEST" in tail
     assert "2 ranks" in summary

@@ -102,7 +102,7 @@ def _probe_features(encoder, reference: dict) -> torch.Tensor:
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_export_reproduces_training_encoder(ckpts, tmp_path, stage):
     run_dir = ckpts / f"zero{stage}_w1"
-    reference = torch.load(run_dir / "reference.pt", weights_only=False)
+    reference = torch.load(run_dir / "reference.pt", weights_only=True)
     meta = export_checkpoint(run_dir, tmp_path / "export", progress=False)
 
     from safetensors.torch import load_file
@@ -140,7 +140,7 @@ def test_export_json_describes_architecture_and_ontology(ckpts, tmp_path, tiny_c
 
 def test_timm_loads_export_with_pretrained_cfg_overlay(ckpts, tmp_path):
     import timm
-    reference = torch.load(ckpts / "zero3_w1" / "reference.pt", weights_only=False)
+    reference = torch.load(ckpts / "zero3_w1" / "reference.pt", weights_only=True)
     meta = export_checkpoint(ckpts / "zero3_w1", tmp_path, progress=False)
     kwargs = timm_kwargs(meta)
     del kwargs["model_name"], kwargs["pretrained"]
@@ -151,7 +151,7 @@ def test_timm_loads_export_with_pretrained_cfg_overlay(ckpts, tmp_path):
 
 def test_bf16_export_and_heads(ckpts, tmp_path):
     from safetensors.torch import load_file
-    reference = torch.load(ckpts / "zero2_w1" / "reference.pt", weights_only=False)
+    reference = torch.load(ckpts / "zero2_w1" / "reference.pt", weights_only=True)
     meta = export_checkpoint(ckpts / "zero2_w1", tmp_path, dtype="bf16", with_heads=True, progress=False)
     enc = load_file(str(tmp_path / ENCODER_FILE))
     assert meta["dtype"] == "bf16" and all(v.dtype == torch.bfloat16 for v in enc.values() if v.is_floating_point())
@@ -201,18 +201,34 @@ def test_refuses_partial_checkpoints(ckpts, tmp_path):
 
 def test_refuses_truncated_file(ckpts, tmp_path):
     run = _copy_run(ckpts, "zero0_w1", tmp_path)
-    f = run / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
+    tag_dir = run / "checkpoints" / "step_00000002"
+    f = tag_dir / "mp_rank_00_model_states.pt"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
-    with pytest.raises(ExportError, match="cannot read"):
+    # The completion marker recorded every file's size and SHA-256: the damage is named before any load.
+    with pytest.raises(ExportError, match=r"mp_rank_00_model_states.pt: \d+ bytes, .*meta.json recorded"):
         export_checkpoint(run, tmp_path / "out", progress=False)
+    (tag_dir / "meta.json").unlink()  # a plain DeepSpeed checkpoint: the load itself must refuse it
+    with pytest.raises(ExportError, match="cannot read"):
+        export_checkpoint(run, tmp_path / "out", progress=False, require_marker=False)
+
+
+def _rerecord(tag_dir: Path) -> None:
+    """Make the marker vouch for files a test rewrote on purpose."""
+    from echocare_dist.train.checkpoint import hash_files
+    marker = json.loads((tag_dir / "meta.json").read_text())
+    marker["files"] = hash_files(tag_dir)
+    (tag_dir / "meta.json").write_text(json.dumps(marker))
 
 
 def test_refuses_weights_that_do_not_match_the_config(ckpts, tmp_path):
     run = _copy_run(ckpts, "zero0_w1", tmp_path)
     f = run / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
-    states = torch.load(f, weights_only=False)
+    from echocare_dist.safe_load import torch_load_safe
+    states = dict(torch_load_safe(f))
     states["config"]["model"]["embed_dim"] = 48  # the run's config now names a wider Swin
-    torch.save(states, f)
+    torch.save(states, f.with_suffix(".new"))  # not over `f`: its tensors are memory-mapped from it
+    f.with_suffix(".new").replace(f)
+    _rerecord(f.parent)
     with pytest.raises(ExportError, match=r"do not match the architecture.*shape mismatch.*vs config"):
         export_checkpoint(run, tmp_path / "out", progress=False)
 
@@ -240,7 +256,7 @@ def test_cli(ckpts, tmp_path, capsys):
 def test_two_rank_zero3_checkpoint_exports_identically(tmp_path):
     _make_checkpoints(tmp_path, [3], nproc=2)
     run = tmp_path / "zero3_w2"
-    reference = torch.load(run / "reference.pt", weights_only=False)
+    reference = torch.load(run / "reference.pt", weights_only=True)
     meta = export_checkpoint(run, tmp_path / "export", progress=False)
     assert (meta["source"]["world_size"], meta["source"]["zero_stage"]) == (2, 3)
     features = _probe_features(load_encoder(tmp_path / "export"), reference)

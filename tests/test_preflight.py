@@ -56,7 +56,8 @@ def test_message_lists_every_problem_with_key_and_value():
 
 
 def test_a_good_setup_passes_every_check(tmp_path, shards):
-    assert [c.name for c in CHECKS] == ["config", "ontology", "shards", "run_dir", "tracking", "device"]
+    assert [c.name for c in CHECKS] == ["config", "ontology", "shards", "run_dir", "run_dir_lock", "tracking", "device",
+                                        "cuda"]
     run_preflight(config(tmp_path, shards), environ={})
     assert not (tmp_path / "run").exists(), "the pre-flight must not create the run directory"
     assert list(tmp_path.iterdir()) == [], "the write probe must leave nothing behind"

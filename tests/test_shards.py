@@ -79,18 +79,18 @@ def test_crop_removes_border_text_graphics_and_corner_glyphs():
     texted, _ = sector_frame(360, 480, seed=3, border_text=True, corner_text=True)
     draw_graphics(texted)
     assert (texted != clean).sum() > 500  # the overlays are really there
-    out, box = crop_content(texted, params)
+    out, box, _ = crop_content(texted, params)
     assert all(abs(a - b) <= params.crop_margin for a, b in zip(box, sector)), (box, sector)
     # Border text and graphics are outside the box; the corner glyph inside the box is blanked:
     # the result equals the same frame cropped without any overlay.
-    ref, ref_box = crop_content(clean, params)
+    ref, ref_box, _ = crop_content(clean, params)
     assert box == ref_box
     np.testing.assert_array_equal(out, ref)
     # Without blanking the corner glyph stays; without the texture test the graphics count as
     # content (so the checks above test both).
-    out_kept, _ = crop_content(texted, FrameParams(**{**params.__dict__, "blank_outside": False}))
+    out_kept, _, _ = crop_content(texted, FrameParams(**{**params.__dict__, "blank_outside": False}))
     assert (out_kept != ref).sum() > 10
-    _, box_flat = crop_content(texted, FrameParams(**{**params.__dict__, "min_texture": 0.0}))
+    _, box_flat, _ = crop_content(texted, FrameParams(**{**params.__dict__, "min_texture": 0.0}))
     assert box_flat[2] > box[2] + 40
 
 
@@ -101,7 +101,7 @@ def test_crop_keeps_a_sector_split_by_dark_fluid():
     band = slice(y0 + (y1 - y0) // 3, y0 + (y1 - y0) // 2)
     fan = img[band, x0:x1] > 0
     img[band, x0:x1][fan] = 5  # anechoic fluid: below the dark threshold, cuts the fan in two
-    out, box = crop_content(img, params)
+    out, box, _ = crop_content(img, params)
     assert all(abs(a - b) <= params.crop_margin for a, b in zip(box, sector)), (box, sector)
     # The fluid between the pieces is content (inside the hull): not blanked to 0.
     fluid = out[band.start - box[1]:band.stop - box[1], x0 - box[0]:x1 - box[0]]
@@ -343,10 +343,10 @@ def test_near_dedup_drops_perceptual_duplicates(tmp_path, ontology):
         cv2.imwrite(str(root / name), img)
     mapping = tmp_path / "m.yaml"
     mapping.write_text("sources:\n  - {name: n, root: near, labels: [liver]}\n")
-    plain = build_shards([mapping], tmp_path / "plain", curation_config(workers=1), ontology, progress=False)
+    plain = build_shards([mapping], tmp_path / "plain", curation_config(workers=1, near_dedup="false"), ontology,
+                         progress=False)
     assert plain.num_samples == 3  # pixels differ: no exact duplicate
-    m = build_shards([mapping], tmp_path / "nd", curation_config(workers=1, near_dedup="true"), ontology,
-                     progress=False)
+    m = build_shards([mapping], tmp_path / "nd", curation_config(workers=1), ontology, progress=False)  # the default
     nd = m.rejected["near_duplicate"]
     assert m.num_samples == 2 and nd["count"] == 1
     assert nd["paths"] == [str((root / "a.png").resolve())]  # "a noisy.png" sorts first and is kept
@@ -477,7 +477,7 @@ def test_cli_verify_inspect_and_bad_mapping(built, tmp_path):
     assert "22 samples" in i.stdout and "duplicate 2" in i.stdout and "corrupt 4" in i.stdout
     from PIL import Image
     with Image.open(sheet) as im:
-        assert im.size == (3 * 192, 3 * (192 + 40))
+        assert im.size == (3 * 192, 3 * (192 + 56))  # captions: key, source: path (2 lines), labels
         assert np.asarray(im).std() > 10  # not a blank canvas
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"sources:\n  - {{name: x, root: {str(out)!r}, labels: [kidnee]}}\n")

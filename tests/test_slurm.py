@@ -221,7 +221,9 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tiny_shards,
     steps, ckpt_every = 32, 4
     job_id, _ = _submit(slurm_cluster, log, *TINY, "--set", f"data.shards={tiny_shards}",
                         "--set", f"train.run_dir={run_dir}", "--set", f"train.steps={steps}",
-                        "--set", f"train.ckpt_every={ckpt_every}")
+                        "--set", f"train.ckpt_every={ckpt_every}",
+                        # A vote every 2 steps (default 10): the signal is acted on well before step 32.
+                        "--set", "train.preempt_check_every=2")
     try:
         # A known point: the first periodic checkpoint is complete, training goes on.
         deadline = time.monotonic() + 300

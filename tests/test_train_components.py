@@ -65,7 +65,7 @@ def test_deepspeed_config_follows_our_config(stage):
     assert ds["gradient_clipping"] == 2.5
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["steps_per_print"] == cfg.train.log_every
-    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     assert "fp16" not in ds and "bf16" not in ds
     assert ds["zero_force_ds_cpu_optimizer"] is False
     json.dumps(ds)  # written to the run dir as JSON
@@ -205,7 +205,7 @@ class FakeEngine:
     def load_checkpoint(self, load_dir, tag, **kw):
         path = os.path.join(load_dir, tag)
         self.loaded = path
-        return path, torch.load(os.path.join(path, "shard_0.pt"), weights_only=False)
+        return path, torch.load(os.path.join(path, "shard_0.pt"), weights_only=True)
 
 
 SINGLE = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), launcher="single")
@@ -302,11 +302,17 @@ def test_world_size_change_plans_a_universal_load(tmp_path, tiny_config, monkeyp
 def test_signal_sets_flag_and_handlers_are_restored():
     from echocare_dist.train.preemption import PreemptionHandler
     before = signal.getsignal(signal.SIGUSR1)
+    from echocare_dist.train.control import StepControl
+    from echocare_dist.train.preemption import Preempted
     handler = PreemptionHandler(["SIGUSR1"])
+    control = StepControl(every=1, max_bad_steps=5, preempt=handler, first_step=1)
     try:
-        assert not handler.should_stop()
+        assert not control.vote(1).preempt
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert handler.should_stop() and handler.requested_by == "SIGUSR1"
+        assert control.vote(2).preempt and handler.requested_by == "SIGUSR1"
+        with pytest.raises(Preempted):  # inside interruptible(): a recorded signal stops at once
+            with handler.interruptible():
+                pass
     finally:
         handler.restore()
     assert signal.getsignal(signal.SIGUSR1) is before

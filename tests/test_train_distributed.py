@@ -4,7 +4,7 @@ Coverage: ZeRO-1 under torchrun (reference run: the loss falls) and under deepsp
 SIGKILL, resumed: identical loss trajectory); ZeRO-2 under deepspeed (SIGTERM to one rank ->
 complete checkpoint, exit 124, `latest` on it; resumed on ONE rank through the universal
 checkpoint, same MLflow run); ZeRO-3 with gradient accumulation through `echocare pretrain
---nproc 2` (torch.distributed.run).
+--nproc 2` (our local launcher, train/launcher.py).
 """
 from __future__ import annotations
 

@@ -18,8 +18,6 @@ mtimes), so a build that crashed and was resumed is byte-identical to a clean on
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -42,19 +40,20 @@ from ..shardfmt import (MANIFEST, MANIFEST_FORMAT, SHARD_RE, TAR_BLOCK, TAR_RECO
                         ShardError, ShardWriter, keys_digest, shard_name, tar_member_bytes)
 from .mapping import Source, load_mappings
 from .media import discover
+from .conflicts import relabel
+from .conflicts import resolve as resolve_conflicts
 from .neardup import NearDuplicateIndex
+from .outdir import CurationError, build_lock, damaged_shards, keep_intact_shards
 from .preprocess import FrameParams
+from .screen import screen_files
 from .stage import ChunkTask, FileTask, init_worker, stage_chunk
 
 log = logging.getLogger(__name__)
 
 STAGING_NAME = ".staging"
-LOCK_NAME = ".build.lock"
-REJECT_REASONS = ("corrupt", "too_few_pixels", "duplicate", "near_duplicate")
-
-
-class CurationError(RuntimeError):
-    pass
+# truncated_video: recorded with its frames kept (media.py); too_large: over curation.max_pixels.
+REJECT_REASONS = ("corrupt", "too_few_pixels", "duplicate", "near_duplicate", "truncated_video", "too_large",
+                  "mask_like", "crop_failed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +66,7 @@ class Inputs:
     ignored: list[str]
     chunks: list[ChunkTask]
     source_files: dict[str, int] = field(default_factory=dict)
+    excluded: list[str] = field(default_factory=list)   # by the mapping's `exclude:` globs
 
 
 def collect_inputs(sources: list[Source], cfg: Config, ontology: Ontology, staging: Path,
@@ -75,14 +75,18 @@ def collect_inputs(sources: list[Source], cfg: Config, ontology: Ontology, stagi
     files: list[FileTask] = []
     ignored: list[str] = []
     source_files: dict[str, int] = {}
+    excluded: list[str] = []
     for src in sources:
         media, skipped = discover(src.root, exclude=exclude)
         ignored += skipped
+        media, left_out = screen_files(src, media, c.mask_name_patterns)
+        excluded += left_out
         source_files[src.name] = len(media)
         stride = src.frame_stride or c.frame_stride
-        for m in media:
+        for m, mask_name in media:
             files.append(FileTask(len(files), src.name, str(m.path), m.relpath, m.kind, stride,
-                                  src.labels_for(m.relpath), src.device, m.size, m.mtime_ns))
+                                  src.labels_for(m.relpath), src.device, m.size, m.mtime_ns,
+                                  mask_name=mask_name, mask_check=not src.allow_mask_like))
     vectors = {labels: ontology.label_vector(labels).tobytes() for labels in {f.labels for f in files}}
     params = FrameParams.from_config(c)
     chunks = []
@@ -90,7 +94,7 @@ def collect_inputs(sources: list[Source], cfg: Config, ontology: Ontology, stagi
         part = tuple(files[start:start + c.chunk_files])
         chunks.append(ChunkTask(len(chunks), part, params, ontology.hash,
                                 {f.labels: vectors[f.labels] for f in part}, str(staging / "chunks")))
-    return Inputs(sources, files, ignored, chunks, source_files)
+    return Inputs(sources, files, ignored, chunks, source_files, excluded)
 
 
 def build_fingerprint(inputs: Inputs, cfg: Config, ontology: Ontology) -> str:
@@ -98,7 +102,7 @@ def build_fingerprint(inputs: Inputs, cfg: Config, ontology: Ontology) -> str:
     blob = json.dumps({"format": MANIFEST_FORMAT, "ontology": ontology.hash,
                        "chunks": [t.digest for t in inputs.chunks],
                        "plan": [c.near_dedup, c.near_dedup_similarity, c.seed, c.shard_max_samples,
-                                c.shard_max_bytes]}, separators=(",", ":"))
+                                c.shard_max_bytes, c.label_conflict]}, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -166,6 +170,8 @@ class Plan:
     per_source: dict
     per_node: dict
     source_detail: list
+    relabel: dict = field(default_factory=dict)          # sample -> (labels, label bytes): conflicts settled
+    label_conflicts: list = field(default_factory=list)
 
 
 def _as_numpy(values: array, dtype) -> np.ndarray:
@@ -214,7 +220,9 @@ def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
         rejected[reason].append(item)
         rejected_per_source[inputs.files[int(file_a[i])].source] += 1
 
-    # Exact duplicates: the first occurrence in (sorted) file order is kept.
+    # Exact duplicates: the first occurrence in (sorted) file order is kept. `groups`: kept
+    # sample -> the samples dropped as its duplicates (their labels may conflict).
+    groups: dict[int, list[int]] = {}
     keep = np.zeros(n, dtype=bool)
     if n:
         _, first, inverse = np.unique(keys_a, return_index=True, return_inverse=True)
@@ -222,6 +230,7 @@ def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
         keep = first_of == np.arange(n)
         for i in np.flatnonzero(~keep):
             reject("duplicate", int(i), int(first_of[i]))
+            groups.setdefault(int(first_of[i]), []).append(int(i))
     if c.near_dedup:
         index = NearDuplicateIndex(c.near_dedup_similarity)
         for i in np.flatnonzero(keep):
@@ -229,14 +238,18 @@ def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
             if j is not None:
                 keep[i] = False
                 reject("near_duplicate", int(i), j)
+                groups.setdefault(j, []).extend([int(i)] + groups.pop(int(i), []))
+    overrides, conflicts = resolve_conflicts(groups, lambda i: inputs.files[int(file_a[i])].labels, ref,
+                                             c.label_conflict)
 
     kept = np.flatnonzero(keep)
     per_source = {s.name: 0 for s in inputs.sources}
     label_counts: dict[tuple, int] = {}
-    for fid in file_a[kept]:
-        f = inputs.files[int(fid)]
+    for i in kept:
+        f = inputs.files[int(file_a[i])]
+        labels = overrides.get(int(i), f.labels)
         per_source[f.source] += 1
-        label_counts[f.labels] = label_counts.get(f.labels, 0) + 1
+        label_counts[labels] = label_counts.get(labels, 0) + 1
     positives = np.zeros(len(ontology), dtype=np.int64)
     for labels, count in label_counts.items():
         positives += (ontology.label_vector(labels) == 1).astype(np.int64) * count
@@ -254,8 +267,9 @@ def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
     for reason, items in rejected.items():
         rejected_out[reason] = {"count": len(items), "paths": list(dict.fromkeys(i["path"] for i in items)),
                                 "details": items}
+    relabel = {i: (labels, ontology.label_vector(labels).tobytes()) for i, labels in overrides.items()}
     return Plan(keys_a, _as_numpy(chunk, np.int32), _as_numpy(offset, np.int64), lengths_a,
-                shards, rejected_out, per_source, per_node, source_detail)
+                shards, rejected_out, per_source, per_node, source_detail, relabel, conflicts)
 
 
 def _cut(order: np.ndarray, lengths: np.ndarray, max_samples: int, max_bytes: int) -> list[np.ndarray]:
@@ -326,7 +340,10 @@ def write_shard(path: Path, members: np.ndarray, plan: Plan, reader: _BinReader)
         for key, i in zip(keys, members):
             lj, ll, ls = (int(x) for x in plan.lengths[i])
             blob = reader.read(int(plan.chunk[i]), int(plan.offset[i]), lj + ll + ls)
-            writer.write(key, {"jpg": blob[:lj], "lbl": blob[lj:lj + ll], "json": blob[lj + ll:]})
+            parts = {"jpg": blob[:lj], "lbl": blob[lj:lj + ll], "json": blob[lj + ll:]}
+            if int(i) in plan.relabel:
+                parts = relabel(parts, *plan.relabel[int(i)])
+            writer.write(key, parts)
     return {**writer.entry.to_dict(), "idx_sha256": file_sha256(path.with_suffix(".idx"))}
 
 
@@ -369,36 +386,25 @@ def _remove_leftovers(out_dir: Path, num_shards: int | None) -> None:
 # ---------------------------------------------------------------------------------------------
 # manifest
 # ---------------------------------------------------------------------------------------------
-def _manifest_up_to_date(out_dir: Path, fingerprint: str) -> Manifest | None:
+def _manifest_up_to_date(out_dir: Path, fingerprint: str, verify: bool, records_dir: Path) -> Manifest | None:
+    """The manifest when the inputs are unchanged and its shards intact (outdir.damaged_shards);
+    with damaged shards, None after recording the intact ones so that only the damaged are rewritten."""
     try:
         manifest = Manifest.read(out_dir)
     except ShardError:
         return None
     if manifest.fingerprint != fingerprint:
         return None
-    for s in manifest.shards:
-        tar = out_dir / s.name
-        if (not tar.is_file() or not tar.with_suffix(".idx").is_file() or tar.stat().st_size != s.bytes
-                or file_sha256(tar) != s.sha256):
-            return None
-    return manifest
+    damaged = damaged_shards(out_dir, manifest, full=verify)
+    if not damaged:
+        return manifest
+    log.warning("%s: %d damaged shard(s), rebuilding them: %s", out_dir, len(damaged),
+                "; ".join(f"{name}: {why}" for name, why in list(damaged.items())[:10]))
+    keep_intact_shards(records_dir, manifest, damaged)
+    return None
 
 
-@contextlib.contextmanager
-def _exclusive(out_dir: Path):
-    """One build per shard directory at a time (two would overwrite each other's shards)."""
-    lock_path = out_dir / LOCK_NAME
-    with open(lock_path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CurationError(f"{out_dir}: another `shards build` is running there") from None
-        except OSError:  # file systems without flock (some NFS mounts): go on unguarded
-            pass
-        try:
-            yield
-        finally:
-            lock_path.unlink(missing_ok=True)
+_exclusive = build_lock  # one build per shard directory at a time (two would overwrite each other's shards)
 
 
 def staging_dir(cfg: Config, out_dir: Path) -> Path:
@@ -411,22 +417,26 @@ def staging_dir(cfg: Config, out_dir: Path) -> Path:
 
 
 def build_shards(mappings: list[Path], out_dir: Path, cfg: Config, ontology: Ontology,
-                 progress: bool = True) -> Manifest:
-    """Build (or finish, or confirm) the shards of `mappings` in `out_dir`; returns the manifest."""
+                 progress: bool = True, verify: bool = False) -> Manifest:
+    """Build (or finish, or confirm) the shards of `mappings` in `out_dir`; returns the manifest.
+
+    `verify`: before calling an existing build up to date, hash every tar in full (sizes and
+    indexes are always checked); damaged shards are rebuilt either way."""
     sources = load_mappings([Path(m) for m in mappings], ontology)  # all checks before any work
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir):
-        return _build(sources, out_dir, cfg, ontology, progress)
+        return _build(sources, out_dir, cfg, ontology, progress, verify)
 
 
-def _build(sources: list[Source], out_dir: Path, cfg: Config, ontology: Ontology, progress: bool) -> Manifest:
+def _build(sources: list[Source], out_dir: Path, cfg: Config, ontology: Ontology, progress: bool,
+           verify: bool = False) -> Manifest:
     c = cfg.curation
     staging = staging_dir(cfg, out_dir)
     inputs = collect_inputs(sources, cfg, ontology, staging, exclude=(out_dir, staging))
     fingerprint = build_fingerprint(inputs, cfg, ontology)
 
-    manifest = _manifest_up_to_date(out_dir, fingerprint)
+    manifest = _manifest_up_to_date(out_dir, fingerprint, verify, staging / "shards")
     if manifest is not None:
         log.info("%s: shards are up to date (%d samples in %d shards)", out_dir,
                  manifest.num_samples, len(manifest.shards))
@@ -446,8 +456,8 @@ def _build(sources: list[Source], out_dir: Path, cfg: Config, ontology: Ontology
         ontology_nodes=len(ontology),
         ontology_names=list(ontology.names),
         num_samples=int(sum(r["samples"] for r in records)),
-        shards=[ShardEntry(*(r[k] for k in ("name", "samples", "bytes", "sha256", "keys_sha256")))
-                for r in records],
+        shards=[ShardEntry(*(r.get(k) for k in ("name", "samples", "bytes", "sha256", "keys_sha256",
+                                                 "idx_sha256"))) for r in records],
         per_source=plan.per_source,
         per_node=plan.per_node,
         rejected=plan.rejected,
@@ -455,6 +465,8 @@ def _build(sources: list[Source], out_dir: Path, cfg: Config, ontology: Ontology
         files=len(inputs.files),
         staged_samples=int(len(plan.keys)),
         ignored={"count": len(inputs.ignored), "paths": inputs.ignored[:100]},
+        excluded={"count": len(inputs.excluded), "paths": inputs.excluded[:100]},
+        label_conflicts=plan.label_conflicts,
         # What shaped the content (not how fast or where it was staged): a resumed build with
         # other worker counts still yields an identical manifest.
         curation={k: v for k, v in cfg.to_dict()["curation"].items()

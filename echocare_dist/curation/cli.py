@@ -1,4 +1,4 @@
-"""`echocare shards build | verify | inspect`."""
+"""`echocare shards build | verify | inspect | audit`."""
 from __future__ import annotations
 
 import logging
@@ -13,13 +13,21 @@ def _ontology_of(cfg):
 
 def _build(args) -> int:
     from ..cli_args import config_from_args
-    from . import build_shards
-    from .report import format_summary
+    from ..shardfmt import ShardError
+    from . import CurationError, build_shards
+    from .report import format_summary, printable
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Source file names may hold any bytes; report.printable renders them, and this catches the rest.
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(errors="backslashreplace")
     cfg = config_from_args(args)
-    manifest = build_shards([Path(m) for m in args.mapping], Path(args.out), cfg, _ontology_of(cfg),
-                            progress=not args.no_progress)
-    print(f"shards in {Path(args.out).resolve()}")
+    try:
+        manifest = build_shards([Path(m) for m in args.mapping], Path(args.out), cfg, _ontology_of(cfg),
+                                progress=not args.no_progress, verify=args.verify)
+    except (CurationError, ShardError) as exc:
+        print(f"echocare shards build: error: {printable(str(exc))}", file=sys.stderr)
+        return 2
+    print(f"shards in {printable(str(Path(args.out).resolve()))}")
     print(format_summary(manifest))
     if manifest.num_samples == 0:
         print("echocare shards build: error: no usable sample (see 'rejected' in the manifest)", file=sys.stderr)
@@ -54,6 +62,21 @@ def _inspect(args) -> int:
     return 0
 
 
+def _audit(args) -> int:
+    from ..shardfmt import ShardError
+    from .audit import crop_audit
+    try:
+        out, items = crop_audit(Path(args.shards), Path(args.out), num=args.num)
+    except (ShardError, ValueError) as exc:
+        print(f"echocare shards audit: error: {exc}", file=sys.stderr)
+        return 2
+    failed = sum(it.crop is None for it in items)
+    worst = next((it for it in items if it.crop is not None), None)
+    print(f"crop audit: {out} ({len(items)} frames, worst first; {failed} crop_failed shown"
+          + (f"; worst kept crop leaves out {worst.discarded:.1%}: {worst.path})" if worst else ")"))
+    return 0
+
+
 def register(sub) -> None:
     from ..cli_args import add_config_args
     p = sub.add_parser("shards", help="build, verify and inspect WebDataset shards")
@@ -65,6 +88,9 @@ def register(sub) -> None:
                    help="label mapping file (repeatable)")
     b.add_argument("--out", "-o", required=True, help="shard directory (created; reruns resume)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument("--verify", action="store_true",
+                   help="before calling an existing build up to date, check every tar's SHA-256 against the "
+                        "manifest (sizes and indexes are always checked); damaged shards are rebuilt")
     b.set_defaults(func=_build)
 
     v = ssub.add_parser("verify", help="decode every sample and check tars, indexes and manifest agree")
@@ -81,3 +107,9 @@ def register(sub) -> None:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--top", type=int, default=12, help="ontology nodes listed in the summary")
     i.set_defaults(func=_inspect)
+
+    a = ssub.add_parser("audit", help="PNG of original frames with their crop boxes, worst crops first")
+    a.add_argument("shards", help="shard directory")
+    a.add_argument("--out", "-o", default="audit.png", help="PNG path (default: %(default)s)")
+    a.add_argument("--num", "-n", type=int, default=24, help="frames on the sheet (default: %(default)s)")
+    a.set_defaults(func=_audit)

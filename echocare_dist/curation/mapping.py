@@ -14,6 +14,15 @@ source default):
           - glob: "nodules/*"
             labels: [thyroid_nodule]
         csv: "labels.csv"           # optional, relative to root: columns path,labels (';'-separated)
+        exclude: ["masks/**", "*_overlay.png"]  # optional: files never read (globs, as for rules)
+        allow_mask_like: false      # optional: true keeps files that look like segmentation masks
+    exclude: ["**/Thumbs.db", "**/annotations/**"]  # optional: excluded from every source above
+
+Excluded files are not decoded and not counted as rejected (the manifest lists them under
+`excluded`). Independently, the builder rejects files that look like segmentation masks as
+`mask_like`: by file name (curation.mask_name_patterns: `*_mask*`, `mask_*`, `*_seg*`, `*label*`)
+or by content (nearly all pixels at two or a few levels, no speckle; see masklike.py). A source
+whose images really are named or look so sets `allow_mask_like: true`.
 
 Globs match the path relative to root with fnmatch semantics (case-sensitive, `*` also crosses
 `/`), a leading `**/` also matches at the top level, and a glob that matches a folder applies to
@@ -33,7 +42,8 @@ import yaml
 from ..config import ConfigError
 from ..ontology import Ontology
 
-SOURCE_KEYS = {"name", "root", "labels", "device", "frame_stride", "rules", "csv"}
+SOURCE_KEYS = {"name", "root", "labels", "device", "frame_stride", "rules", "csv", "exclude", "allow_mask_like"}
+TOP_KEYS = {"sources", "exclude"}
 RULE_KEYS = {"glob", "labels"}
 
 
@@ -65,6 +75,15 @@ class Source:
     frame_stride: int | None = None
     rules: tuple[Rule, ...] = ()
     csv_labels: dict = field(default_factory=dict, compare=False, repr=False)
+    exclude: tuple[Rule, ...] = ()     # globs (per source and the mapping's global ones)
+    allow_mask_like: bool = False
+
+    def excluded(self, relpath: str) -> str | None:
+        """The exclude glob that matches `relpath`, or None."""
+        for rule in self.exclude:
+            if rule.matches(relpath):
+                return rule.glob
+        return None
 
     def labels_for(self, relpath: str) -> tuple[str, ...]:
         """Labels of the file at `relpath` (posix, relative to root)."""
@@ -118,6 +137,17 @@ def _read_csv(path: Path, where: str, ontology: Ontology) -> dict[str, tuple[str
     return out
 
 
+def _globs(value, where: str) -> tuple[Rule, ...]:
+    """An `exclude:` value: a glob string or a list of them."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip("/") for v in value):
+        raise MappingError(f"{where}: exclude must be a list of non-empty glob strings, got {value!r}")
+    return tuple(Rule(g.strip("/"), (), _compile_glob(g.strip("/"))) for g in value)
+
+
 def _check_entry(entry, allowed: set, where: str, expected: str) -> None:
     if not isinstance(entry, dict):
         raise MappingError(f"{where}: expected {expected}, got {entry!r}")
@@ -126,7 +156,7 @@ def _check_entry(entry, allowed: set, where: str, expected: str) -> None:
         raise MappingError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {sorted(allowed)}")
 
 
-def _load_source(entry, i: int, mapping: Path, ontology: Ontology) -> Source:
+def _load_source(entry, i: int, mapping: Path, ontology: Ontology, global_exclude: tuple[Rule, ...] = ()) -> Source:
     where = f"{mapping}: sources[{i}]"
     _check_entry(entry, SOURCE_KEYS, where, "a mapping with name/root/labels")
     for key in ("name", "root"):
@@ -163,9 +193,13 @@ def _load_source(entry, i: int, mapping: Path, ontology: Ontology) -> Source:
             raise MappingError(f"{where}: csv must be a path string, got {entry['csv']!r}")
         csv_path = Path(entry["csv"]).expanduser()
         csv_labels = _read_csv(csv_path if csv_path.is_absolute() else root / csv_path, where, ontology)
+    allow = entry.get("allow_mask_like", False)
+    if not isinstance(allow, bool):
+        raise MappingError(f"{where}: allow_mask_like must be true or false, got {allow!r}")
     return Source(name=name, root=root.resolve(), labels=_node_list(entry.get("labels"), where, ontology),
                   mapping=mapping, device=device, frame_stride=stride, rules=tuple(rules),
-                  csv_labels=csv_labels)
+                  csv_labels=csv_labels, exclude=_globs(entry.get("exclude"), f"{where}: exclude") + global_exclude,
+                  allow_mask_like=allow)
 
 
 def load_mapping(path: str | Path, ontology: Ontology) -> list[Source]:
@@ -178,14 +212,16 @@ def load_mapping(path: str | Path, ontology: Ontology) -> list[Source]:
         raise MappingError(f"{mapping}: invalid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise MappingError(f"{mapping}: expected a top-level 'sources:' list")
-    unknown = sorted(set(data) - {"sources"})
+    unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
-        raise MappingError(f"{mapping}: unknown top-level key(s) {', '.join(map(repr, unknown))}; allowed: ['sources']")
+        raise MappingError(f"{mapping}: unknown top-level key(s) {', '.join(map(repr, unknown))}; "
+                           f"allowed: {sorted(TOP_KEYS)}")
     if "sources" not in data:
         raise MappingError(f"{mapping}: expected a top-level 'sources:' list")
     if not isinstance(data["sources"], list) or not data["sources"]:
         raise MappingError(f"{mapping}: 'sources' must be a non-empty list")
-    return [_load_source(e, i, mapping, ontology) for i, e in enumerate(data["sources"])]
+    global_exclude = _globs(data.get("exclude"), f"{mapping}: exclude")
+    return [_load_source(e, i, mapping, ontology, global_exclude) for i, e in enumerate(data["sources"])]
 
 
 def load_mappings(paths, ontology: Ontology) -> list[Source]:

@@ -3,6 +3,12 @@
 Every decoder yields `(frame_index, gray)` with `gray` a 2-D uint8 array, so the rest of the
 pipeline never sees colour, alpha, palettes or 16-bit data. Videos and multi-frame files keep
 every `stride`-th frame (0, stride, 2*stride, ...).
+
+What a decoder raises instead of yielding (stage.py records it under its reason):
+- Rejected("too_large") before any decoding, when the header's width x height exceeds
+  `max_pixels` (curation.max_pixels): the cost of a decode grows with the pixels, not the file size;
+- Rejected("truncated_video") after the last frame, when a video ends before the frame count its
+  header states (a copy cut off halfway): the frames decoded so far are kept.
 """
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ from typing import Iterator
 
 import cv2
 import numpy as np
+
+from .preprocess import Rejected
 
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 VIDEO_EXTS = frozenset({".mp4", ".avi", ".mov"})
@@ -151,11 +159,20 @@ def _pil_frame_to_gray(im) -> np.ndarray:
     return np.asarray(im.convert("RGB").convert("L"))  # CMYK, YCbCr, LAB, HSV
 
 
-def iter_image(path: Path, stride: int) -> Iterator[tuple[int | None, np.ndarray]]:
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Rejected("too_large") when a frame of width x height exceeds the cap (0 = no cap)."""
+    if max_pixels and width * height > max_pixels:
+        raise Rejected("too_large", f"{width}x{height} = {width * height} pixels > curation.max_pixels={max_pixels} "
+                                    f"(checked from the header, not decoded)")
+
+
+def iter_image(path: Path, stride: int, max_pixels: int = 0) -> Iterator[tuple[int | None, np.ndarray]]:
     """Still images through PIL: unlike cv2.imdecode it raises on truncated files instead of
-    returning a half-grey picture. Multi-page TIFFs are treated like cine loops."""
+    returning a half-grey picture. Multi-page TIFFs are treated like cine loops. Image.open reads
+    only the header: the size is checked before any pixel is decoded."""
     from PIL import Image
     with Image.open(path) as im:
+        check_pixels(*im.size, max_pixels)
         n = getattr(im, "n_frames", 1)
         if n <= 1:
             im.load()
@@ -167,11 +184,14 @@ def iter_image(path: Path, stride: int) -> Iterator[tuple[int | None, np.ndarray
             yield i, _pil_frame_to_gray(im)
 
 
-def iter_video(path: Path, stride: int) -> Iterator[tuple[int | None, np.ndarray]]:
+def iter_video(path: Path, stride: int, max_pixels: int = 0) -> Iterator[tuple[int | None, np.ndarray]]:
     cap = cv2.VideoCapture(str(path))
     try:
         if not cap.isOpened():
             raise ValueError("cannot open video (unknown codec or not a video)")
+        check_pixels(int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), max_pixels)
+        # The container's own frame count (AVI/MP4 headers state it exactly); <= 0 when unknown.
+        expected = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
         index, yielded = 0, 0
         while cap.grab():  # grab() skips the colour conversion of frames we drop
             if index % stride == 0:
@@ -183,6 +203,9 @@ def iter_video(path: Path, stride: int) -> Iterator[tuple[int | None, np.ndarray
             index += 1
         if yielded == 0:
             raise ValueError("no decodable frame")
+        if expected > 0 and index < expected:
+            raise Rejected("truncated_video", f"{index} of the {expected} frames its header states could be read "
+                                              f"(file cut short?); the {yielded} frames kept are from those")
     finally:
         cap.release()
 
@@ -198,7 +221,7 @@ def _dicom_frame_to_gray(frame: np.ndarray, ds) -> np.ndarray:
     return gray
 
 
-def iter_dicom(path: Path, stride: int) -> Iterator[tuple[int | None, np.ndarray]]:
+def iter_dicom(path: Path, stride: int, max_pixels: int = 0) -> Iterator[tuple[int | None, np.ndarray]]:
     """Frames one at a time (pydicom.pixels.iter_pixels), so a long cine never sits in memory whole.
     YBR colour data arrives as RGB (pydicom's default)."""
     import pydicom
@@ -206,6 +229,7 @@ def iter_dicom(path: Path, stride: int) -> Iterator[tuple[int | None, np.ndarray
     ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
     if "Rows" not in ds or "Columns" not in ds:
         raise ValueError("DICOM without image pixel data (Rows/Columns missing)")
+    check_pixels(int(ds.Columns), int(ds.Rows), max_pixels)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     indices = range(0, frames, stride)
     for i, frame in zip(indices, iter_pixels(str(path), indices=indices)):
@@ -215,6 +239,7 @@ def iter_dicom(path: Path, stride: int) -> Iterator[tuple[int | None, np.ndarray
 DECODERS = {"image": iter_image, "video": iter_video, "dicom": iter_dicom}
 
 
-def iter_frames(path: Path, kind: str, stride: int) -> Iterator[tuple[int | None, np.ndarray]]:
-    """(frame index or None for a still image, uint8 gray) for every kept frame of one file."""
-    return DECODERS[kind](path, stride)
+def iter_frames(path: Path, kind: str, stride: int, max_pixels: int = 0) -> Iterator[tuple[int | None, np.ndarray]]:
+    """(frame index or None for a still image, uint8 gray) for every kept frame of one file; see
+    the module doc for what it raises instead."""
+    return DECODERS[kind](path, stride, max_pixels)

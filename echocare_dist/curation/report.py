@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -11,6 +12,17 @@ import numpy as np
 from ..atomic import atomic_open
 from ..ontology import Ontology
 from ..shardfmt import Manifest, ShardReader
+
+
+def printable(text: str) -> str:
+    """`text` safe to print whatever bytes the file names in it held: a name that is not UTF-8
+    arrives as surrogate escapes (os.fsdecode), which no terminal encoding accepts; the bytes
+    are shown as \\xNN instead."""
+    try:
+        raw = os.fsencode(text)
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (e.g. from JSON)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def format_summary(manifest: Manifest, top_nodes: int = 12) -> str:
@@ -35,11 +47,21 @@ def format_summary(manifest: Manifest, top_nodes: int = 12) -> str:
     ignored = (manifest.ignored or {}).get("count", 0)
     if ignored:
         lines.append(f"  ignored {ignored} non-media file(s)")
+    excluded = (manifest.excluded or {}).get("count", 0)
+    if excluded:
+        lines.append(f"  excluded {excluded} file(s) by the mapping's exclude: globs")
+    if manifest.label_conflicts:
+        policy = manifest.label_conflicts[0].get("policy", "")
+        lines.append(f"  label conflicts: {len(manifest.label_conflicts)} duplicate group(s) filed under "
+                     f"different labels (curation.label_conflict={policy})")
+        for c in manifest.label_conflicts[:3]:
+            others = "; ".join(f"{o['path']} {o['labels']}" for o in c["others"][:3])
+            lines.append(f"    {c['path']} {c['labels']} vs {others} -> {c['resolved']}")
     nodes = sorted(((v, k) for k, v in manifest.per_node.items() if v), reverse=True)
     if nodes:
         lines.append("  positives per node: " + ", ".join(f"{k} {v}" for v, k in nodes[:top_nodes])
                      + (f", ... ({len(nodes) - top_nodes} more)" if len(nodes) > top_nodes else ""))
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def _pick_samples(shard_dir: Path, manifest: Manifest, n: int, seed: int):
@@ -59,7 +81,8 @@ def _pick_samples(shard_dir: Path, manifest: Manifest, n: int, seed: int):
 
 def contact_sheet(shard_dir: str | Path, out_png: str | Path, num: int = 16, ontology: Ontology | None = None,
                   seed: int = 0, tile: int = 192, columns: int | None = None) -> Path:
-    """A grid of `num` random samples, each captioned with its deepest label names."""
+    """A grid of `num` random samples, each captioned with its source, original path and deepest
+    label names (so a mask or a bad crop on the sheet can be traced to its file)."""
     from PIL import Image, ImageDraw, ImageFont
 
     shard_dir = Path(shard_dir)
@@ -70,7 +93,7 @@ def contact_sheet(shard_dir: str | Path, out_png: str | Path, num: int = 16, ont
     cols = columns or int(np.ceil(np.sqrt(len(samples))))
     rows = int(np.ceil(len(samples) / cols))
     font = ImageFont.load_default()
-    caption_h = 40
+    caption_h = 56
     sheet = Image.new("L", (cols * tile, rows * (tile + caption_h)), 32)
     draw = ImageDraw.Draw(sheet)
     for i, (key, data) in enumerate(samples):
@@ -84,9 +107,11 @@ def contact_sheet(shard_dir: str | Path, out_png: str | Path, num: int = 16, ont
             names = ontology.deepest_names(np.frombuffer(data["lbl"], np.int8))
         else:
             names = json.loads(data["json"]).get("labels", [])
+        prov = json.loads(data["json"])
         text = ", ".join(names) or "(unlabeled)"
-        caption = "\n".join(textwrap.wrap(text, width=max(8, tile // 7))[:2])
-        draw.text((x + 3, y + tile + 2), f"{key}\n{caption}", fill=255, font=font)
+        where = textwrap.wrap(f"{prov.get('source', '')}: {prov.get('path', '')}", width=max(8, tile // 6))[:2]
+        caption = "\n".join([*where, *textwrap.wrap(text, width=max(8, tile // 7))[:1]])
+        draw.text((x + 3, y + tile + 2), printable(f"{key}\n{caption}"), fill=255, font=font)
     out_png = Path(out_png)
     with atomic_open(out_png, "wb") as fh:
         sheet.save(fh, format="PNG")

@@ -23,10 +23,12 @@ from functools import cached_property
 from pathlib import Path
 
 from ..atomic import atomic_open, atomic_write_json
+from ..shardfmt import CHECKSUM_KEY, jpg_checksum
 from .media import iter_frames
 from .preprocess import FrameParams, Rejected, curate_frame
+from .screen import check_mask_content
 
-STAGE_FORMAT = 1
+STAGE_FORMAT = 2   # 2: provenance carries the .jpg checksum (shardfmt CHECKSUM_KEY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,8 @@ class FileTask:
     device: str | None
     size: int
     mtime_ns: int
+    mask_name: str = ""      # the curation.mask_name_patterns glob its name matches: rejected undecoded
+    mask_check: bool = True  # test decoded still images for mask-like content (off: allow_mask_like)
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,8 @@ class ChunkTask:
     def digest(self) -> str:
         blob = json.dumps([STAGE_FORMAT, asdict(self.params), self.ontology_hash,
                            [[f.source, f.path, f.relpath, f.kind, f.stride, list(f.labels), f.device,
-                             f.size, f.mtime_ns, self.label_bytes[f.labels].hex()] for f in self.files]],
+                             f.size, f.mtime_ns, self.label_bytes[f.labels].hex(), f.mask_name, f.mask_check]
+                            for f in self.files]],
                           separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -84,8 +89,9 @@ class ChunkTask:
 def _provenance(f: FileTask, frame_index, frame, orig_shape, ontology_hash: str) -> bytes:
     prov = {"source": f.source, "path": f.relpath, "frame": frame_index, "labels": list(f.labels),
             "width": frame.width, "height": frame.height, "crop": list(frame.crop),
+            "crop_discarded": round(frame.discarded, 4),
             "orig_width": int(orig_shape[1]), "orig_height": int(orig_shape[0]),
-            "device": f.device, "ontology_hash": ontology_hash}
+            "device": f.device, "ontology_hash": ontology_hash, CHECKSUM_KEY: jpg_checksum(frame.jpeg)}
     return json.dumps(prov, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -93,18 +99,27 @@ def stage_chunk(task: ChunkTask) -> tuple[int, int]:
     """Curate every file of the chunk; returns (number of files, number of samples staged).
 
     A file that cannot be read or decoded is recorded as `corrupt` with its error (the frames it
-    yielded before failing are kept); nothing here raises for bad input."""
+    yielded before failing are kept); what the decoders reject themselves (media.py: `too_large`
+    before decoding, `truncated_video` after the last readable frame) is recorded under that
+    reason; nothing here raises for bad input."""
     files_meta, offset, n_samples = [], 0, 0
     with atomic_open(task.bin_path, "wb") as fh:
         for f in task.files:
             entry = {"id": f.file_id, "samples": [], "rejected": []}
             lbl = task.label_bytes[f.labels]
-            frames, frame_index = iter_frames(Path(f.path), f.kind, f.stride), None
+            if f.mask_name:
+                entry["rejected"].append(["mask_like", None, f"file name matches {f.mask_name!r} "
+                                                             f"(curation.mask_name_patterns)"])
+                files_meta.append(entry)
+                continue
+            frames, frame_index = iter_frames(Path(f.path), f.kind, f.stride, task.params.max_pixels), None
             while True:
                 # Only decoding and curating are guarded: a failing write (disk full) must stop
                 # the build, not be blamed on the file.
                 try:
                     frame_index, gray = next(frames)
+                    if f.mask_check and f.kind == "image":  # masks are stills; cine frames never are
+                        check_mask_content(gray, task.params.min_nonzero)
                     frame = curate_frame(gray, task.params)
                 except StopIteration:
                     break

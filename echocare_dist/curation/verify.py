@@ -5,10 +5,13 @@ Checks, each reported as a readable problem rather than an exception:
 - each index is the text `wds2idx` would write for its tar, and every offset in it points at
   the tar header of the member it names (read back from the raw bytes);
 - every sample has jpg + lbl + json; the key is 16 hex chars and unique across all shards;
+  the .jpg matches the checksum its provenance records (shardfmt CHECKSUM_KEY);
   the JPEG decodes to 8-bit grayscale of the size the provenance states; the label vector has
   C entries in {-1, 0, 1}, and (given the ontology) equals the closure of the provenance labels;
   the ontology hash matches everywhere;
 - per-source and per-node counts recomputed from the samples equal the manifest's.
+Whatever a damaged file does (offsets 0 or past the end, garbage, wrong counts, unreadable), it
+is a finding of its shard, never an exception out of `verify_shards`.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import numpy as np
 from ..atomic import file_sha256
 from ..ontology import Ontology
 from ..shardfmt import (PROVENANCE_KEYS, SAMPLE_EXTS, SAMPLE_KEY_RE, SHARD_RE, Manifest, SampleError, ShardEntry,
-                        ShardError, ShardReader, index_text, keys_digest)
+                        ShardError, ShardReader, checksum_problem, index_text, keys_digest)
 
 MAX_PROBLEMS_PER_SHARD = 20
 
@@ -91,6 +94,10 @@ def verify_shard(tar: Path, entry: ShardEntry, num_nodes: int, ontology_hash: st
         problems.append(str(exc))
         return out
     out["samples"] = len(samples)
+    if any(s.key is None for s in samples):
+        problems.append(f"{idx.name}: a v1.1 index (no member names): the samples cannot be matched to "
+                        f"their keys; the builder writes v1.2 (rebuild, or rewrite it with wds2idx)")
+        return out
     if len(samples) != entry.samples:
         problems.append(f"{name}: {len(samples)} samples, manifest says {entry.samples}")
     keys = [s.key for s in samples]
@@ -133,6 +140,9 @@ def verify_shard(tar: Path, entry: ShardEntry, num_nodes: int, ontology_hash: st
                 continue
             if prov["ontology_hash"] != ontology_hash:
                 bad(f"sample {key}: ontology hash {prov['ontology_hash']} != {ontology_hash}")
+            damaged = checksum_problem(data["jpg"], prov)
+            if damaged:
+                bad(f"sample {key}: {damaged}")
             img = cv2.imdecode(np.frombuffer(data["jpg"], np.uint8), cv2.IMREAD_UNCHANGED)
             if img is None:
                 bad(f"sample {key}: JPEG does not decode")
@@ -161,7 +171,12 @@ def verify_shard(tar: Path, entry: ShardEntry, num_nodes: int, ontology_hash: st
 
 
 def _verify_shard_star(args) -> dict:
-    return verify_shard(*args)
+    try:
+        return verify_shard(*args)
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises is a finding of its shard
+        num_nodes = args[2]
+        return {"problems": [f"{args[0].name}: cannot be verified: {type(exc).__name__}: {exc}"], "keys": [],
+                "per_source": Counter(), "positives": np.zeros(num_nodes, dtype=np.int64), "samples": 0}
 
 
 def verify_shards(shard_dir: Path, ontology: Ontology | None = None, workers: int = 1) -> VerifyReport:
@@ -189,7 +204,7 @@ def verify_shards(shard_dir: Path, ontology: Ontology | None = None, workers: in
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
             results = list(pool.map(_verify_shard_star, jobs))
     else:
-        results = [verify_shard(*job) for job in jobs]
+        results = [_verify_shard_star(job) for job in jobs]
 
     seen: dict[str, str] = {}
     positives = np.zeros(num_nodes, dtype=np.int64)

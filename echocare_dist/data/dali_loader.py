@@ -98,6 +98,10 @@ class DaliReader:
         if on_gpu and not torch.cuda.is_available():
             raise DataLoaderError("data.device=gpu but CUDA is not available; use data.device=cpu or auto")
         self.decode_device = "mixed" if on_gpu else "cpu"
+        if ctx.cfg.data.verify_samples and ctx.rank == 0:
+            # The samples never pass through Python here; checking them would mean a second read.
+            log.warning("data.verify_samples=true is not checked by the DALI reader: run `echocare shards "
+                        "verify` on the shards, or use data.loader=pil to check each sample as it is read")
         self._device_id = (ctx.device.index if ctx.device.type == "cuda" and ctx.device.index is not None
                            else torch.cuda.current_device()) if on_gpu else None
         self._plan: EpochPlan | None = None       # the epoch being read, as the loader planned it

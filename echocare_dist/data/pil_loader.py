@@ -15,7 +15,8 @@ shuffle runs over positions and every augmentation draw is seeded by (seed, epoc
 batch b skips the consumed samples without reading or decoding them, and the same images come out
 with the same augmentation.
 
-Damaged data. A sample that cannot be read or decoded is logged, recorded in
+Damaged data. A sample that cannot be read or decoded, or (with data.verify_samples) whose .jpg
+does not match the checksum in its .json, is logged, recorded in
 {run_dir}/quarantine.json, counted in `bad_samples`, and replaced by the stream's next sample
 (open_clip's log-and-continue); a stream that runs out wraps around its chunk with a new shuffle,
 so every rank still runs the same number of steps.
@@ -50,8 +51,10 @@ class EpochStreams(IterableDataset):
     over workers returns batches first_batch, first_batch + 1, ... in order."""
 
     def __init__(self, plan: EpochPlan, num_streams: int, first_batch: int, known_bad: set[str],
-                 aug: AugmentParams, num_classes: int, shuffle_buffer: int, seed: int):
+                 aug: AugmentParams, num_classes: int, shuffle_buffer: int, seed: int,
+                 verify_samples: bool = False):
         self.plan, self.num_streams, self.first_batch = plan, num_streams, first_batch
+        self.verify_samples = verify_samples
         self.known_bad, self.aug, self.num_classes = known_bad, aug, num_classes
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
 
@@ -111,6 +114,8 @@ class EpochStreams(IterableDataset):
                     continue
                 try:
                     jpg, lbl = reader.read(shard, i)
+                    if self.verify_samples:
+                        reader.check_checksum(shard, i, jpg)
                     im = decode_gray(jpg)
                 except (SampleError, OSError, ValueError, SyntaxError) as exc:
                     known_bad.add(tag)
@@ -154,7 +159,7 @@ class PilReader:
         ctx, d = self.ctx, self.ctx.cfg.data
         self._streams = max(1, min(d.num_threads, plan.steps))
         ds = EpochStreams(plan, self._streams, position, ctx.quarantine.known_bad_samples(), ctx.aug,
-                          ctx.num_classes, d.shuffle_buffer, d.seed)
+                          ctx.num_classes, d.shuffle_buffer, d.seed, verify_samples=d.verify_samples)
         if d.num_threads == 0:
             self._it = iter(ds)
         elif position >= plan.steps:
@@ -168,10 +173,20 @@ class PilReader:
         return position
 
     def stop(self) -> None:
+        """Stop the workers, surely and boundedly: torch joins each for up to 5 s and then sends
+        SIGTERM, which our workers ignore (see _ignore_signals); one still alive is SIGKILLed.
+        Without that, Python's exit handler would join it forever when the rank fails."""
         it, self._it = self._it, None
         shutdown = getattr(it, "_shutdown_workers", None)   # in-process and empty iterators have none
-        if shutdown is not None:
+        if shutdown is None:
+            return
+        try:
             shutdown()
+        finally:
+            for w in getattr(it, "_workers", ()):
+                if w.is_alive():
+                    w.kill()
+                    w.join(timeout=5)
 
     def state(self) -> dict:
         return {"streams": self._streams, "num_threads": self.ctx.cfg.data.num_threads}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..config_sections import parse_device
+
 
 def dali_available() -> bool:
     try:
@@ -13,9 +15,10 @@ def dali_available() -> bool:
 
 
 def decode_on_gpu(data_cfg, device) -> bool:
-    """Whether DALI is asked to decode on the GPU: data.device=gpu, or data.device=auto with a CUDA
-    training device on a machine that has CUDA. data.device=gpu says so even without CUDA: the DALI
-    reader refuses that, "auto" loader selection falls back to PIL."""
-    if data_cfg.device == "gpu":
+    """Whether DALI is asked to decode on the GPU: data.device=cuda (or its alias gpu), or
+    data.device=auto with a CUDA training device on a machine that has CUDA. data.device=cuda says so
+    even without CUDA: the DALI reader refuses that, "auto" loader selection falls back to PIL."""
+    spec = parse_device(data_cfg.device, "data.device", allow_index=False)
+    if spec == "cuda":
         return True
-    return data_cfg.device == "auto" and torch.device(device).type == "cuda" and torch.cuda.is_available()
+    return spec == "auto" and torch.device(device).type == "cuda" and torch.cuda.is_available()

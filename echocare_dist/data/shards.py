@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..shardfmt import MANIFEST, Manifest, SampleError, ShardError, ShardReader, read_index
+from ..shardfmt import MANIFEST, Manifest, SampleError, ShardError, ShardReader, checksum_problem, read_index
 
 __all__ = ["ShardSet", "ShardIndex", "TarReader", "Shard", "EpochPlan", "Segment", "make_plan", "epoch_order",
            "buffer_shuffle", "derive_seed", "DataLoaderError", "ShardError", "SampleError"]
@@ -54,15 +55,16 @@ class Shard:
 @dataclass(frozen=True)
 class ShardIndex:
     """One tar's samples as its DALI index lists them (shardfmt.read_index), in the loaders' form:
-    keys, and (offset, size) of jpg and lbl as arrays."""
+    keys, and (offset, size) of jpg, lbl and json as arrays."""
     keys: tuple[str, ...]
     jpg: np.ndarray   # int64 (n, 2)
     lbl: np.ndarray   # int64 (n, 2); size -1 when the sample has no .lbl
+    prov: np.ndarray | None = None  # int64 (n, 2) of the .json (provenance); size -1 when it has none
 
     @classmethod
     def read(cls, path: Path) -> "ShardIndex":
         path = Path(path)
-        keys, jpg, lbl = [], [], []
+        keys, jpg, lbl, prov = [], [], [], []
         for key, comps, line in read_index(path):
             if "jpg" not in comps:
                 raise ShardError(f"{path}:{line}: sample {key!r} has no .jpg component")
@@ -70,7 +72,8 @@ class ShardIndex:
             keys.append(key if key is not None else f"{path.stem}#{len(keys)}")
             jpg.append(comps["jpg"])
             lbl.append(comps.get("lbl", (0, -1)))
-        return cls(tuple(keys), np.asarray(jpg, np.int64).reshape(-1, 2), np.asarray(lbl, np.int64).reshape(-1, 2))
+            prov.append(comps.get("json", (0, -1)))
+        return cls(tuple(keys), *(np.asarray(a, np.int64).reshape(-1, 2) for a in (jpg, lbl, prov)))
 
     @property
     def end(self) -> int:
@@ -179,6 +182,23 @@ class TarReader:
             raise SampleError(f"{shard.name}/{key}.lbl has {size} bytes, the ontology has {self.num_classes} nodes")
         lbl = np.frombuffer(self._read(shard, off, size, what=f"{shard.name}/{key}.lbl"), np.int8).copy()
         return jpg, lbl
+
+    def check_checksum(self, shard: Shard, i: int, jpg: bytes) -> None:
+        """SampleError unless `jpg` (sample i's .jpg as read) matches the checksum in its .json
+        (data.verify_samples; shardfmt.CHECKSUM_KEY): one more small read per sample."""
+        idx = self.index(shard)
+        key = idx.keys[i]
+        off, size = map(int, idx.prov[i])
+        if size < 0:
+            raise SampleError(f"{shard.name}/{key} has no .json component to check its .jpg against")
+        raw = self._read(shard, off, size, what=f"{shard.name}/{key}.json")
+        try:
+            provenance = json.loads(raw)
+        except ValueError as exc:
+            raise SampleError(f"{shard.name}/{key}.json is not JSON ({exc})") from exc
+        problem = checksum_problem(jpg, provenance if isinstance(provenance, dict) else {})
+        if problem:
+            raise SampleError(f"{shard.name}/{key}: {problem}")
 
     def close(self) -> None:
         for reader in self._readers.values():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..shardfmt import Manifest, ShardWriter, shard_name
+from ..shardfmt import CHECKSUM_KEY, Manifest, ShardWriter, jpg_checksum, shard_name
 from ..synth.patterns import RAMP_BASE, RAMP_X, RAMP_Y, synthetic_image
 from ..synth.writers import encode_image
 
@@ -22,15 +22,36 @@ def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
     return encode_image(arr, "jpg", quality)
 
 
+def _flip_data_bytes(jpg: bytes) -> bytes:
+    """Invert 16 bytes in the middle of the scan data (after the SOS marker, before EOI), avoiding
+    0xFF/0x00 so no marker is created or destroyed: a decoder still accepts the file."""
+    sos = jpg.index(b"\xff\xda")
+    mid = (sos + len(jpg)) // 2
+    data = bytearray(jpg)
+    flipped = 0
+    for i in range(mid, len(jpg) - 2):
+        if flipped == 16:
+            break
+        if data[i] in (0x00, 0xFF, 0x7F) or data[i - 1] == 0xFF:
+            continue
+        data[i] ^= 0x55
+        if data[i] in (0x00, 0xFF):
+            data[i] ^= 0x55  # would change the marker structure: leave this one
+            continue
+        flipped += 1
+    return bytes(data)
+
+
 def write_shards(root, ontology, counts=(13, 11, 9, 7), *, size=(96, 72), pattern: str = "noise", seed: int = 0,
                  truncated_jpeg: tuple[int, int] | None = None, missing_label: tuple[int, int] | None = None,
-                 short_label: tuple[int, int] | None = None,
+                 short_label: tuple[int, int] | None = None, flipped_jpeg: tuple[int, int] | None = None,
                  ontology_hash: str | None = None,
                  distinct_images: int | None = None) -> dict:
     """Shards with counts[i] samples each; returns {key: int8 label vector}.
 
     `truncated_jpeg=(shard, index)` halves that sample's JPEG, `missing_label=(shard, index)` leaves
-    out its .lbl, `short_label=(shard, index)` drops its last label byte; `distinct_images=n` encodes only n
+    out its .lbl, `short_label=(shard, index)` drops its last label byte, `flipped_jpeg=(shard, index)`
+    inverts bytes in the middle of its entropy-coded data (it still decodes, to wrong pixels); `distinct_images=n` encodes only n
     images and reuses their bytes (fast to write; decoding costs the same)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -50,10 +71,14 @@ def write_shards(root, ontology, counts=(13, 11, 9, 7), *, size=(96, 72), patter
                     jpg = jpeg_bytes(synthetic_image(rng, pattern, *size))
                     pool.append(jpg)
                 k += 1
+                checksum = jpg_checksum(jpg)  # of the intact image: a damaged one no longer matches
                 if truncated_jpeg == (s, i):
                     jpg = jpg[: len(jpg) // 2]
+                if flipped_jpeg == (s, i):
+                    jpg = _flip_data_bytes(jpg)
                 meta = {"source": "synthetic", "path": f"image {k}.png", "frame": None, "labels": named,
-                        "width": size[0], "height": size[1], "crop": None, "ontology_hash": ontology.hash}
+                        "width": size[0], "height": size[1], "crop": None, "ontology_hash": ontology.hash,
+                        CHECKSUM_KEY: checksum}
                 components = {"jpg": jpg, "lbl": vec.tobytes(), "json": json.dumps(meta).encode()}
                 if missing_label == (s, i):
                     del components["lbl"]

@@ -2,7 +2,8 @@
 
 `echocare finetune --set finetune.task=... --set finetune.data=... --set finetune.checkpoint=...`
 (or `python launch/finetune.py` with the same arguments). See data.py for the accepted layouts
-and metrics.py for the metric conventions.
+and metrics.py for the metric conventions. `echocare evaluate` (evaluate.py) compares pretrained
+vs random init vs a raw-pixel baseline on one group-aware split (splits.py) or K folds.
 """
 from __future__ import annotations
 
@@ -12,5 +13,6 @@ from ..lazy import lazy_exports
 _EXPORTS = {name: "metrics" for name in ("accuracy", "auc_ovr", "binary_auc", "dice", "macro_f1", "mae",
                                          "normalized_surface_distance")}
 _EXPORTS.update({name: "runner" for name in ("Finetuner", "load_finetuned", "run_finetune")})
+_EXPORTS["run_evaluate"] = "evaluate"
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -1,4 +1,5 @@
-"""`echocare finetune`: fine-tune an exported encoder (see echocare_dist/finetune/runner.py)."""
+"""`echocare finetune` (runner.py) and `echocare evaluate` (evaluate.py: pretrained vs random init vs a
+raw-pixel baseline). Both take the same config; torch is imported only when a command runs."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,22 @@ def _cmd_finetune(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from ..cli_args import config_from_args
+    from ..export import ExportError
+    from .data import DataError
+    from .evaluate import run_evaluate
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = config_from_args(args)
+    try:
+        run_evaluate(cfg)
+    except (DataError, ExportError) as exc:
+        print(f"echocare evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from ..cli_args import add_config_args
 
@@ -33,3 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "[--set finetune.mode=linear_probe] [--set finetune.run_dir=DIR]")
     add_config_args(p)
     p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="pretrained vs random init vs a raw-pixel baseline on one split, one table",
+                       description="Fine-tune the export (init=pretrained) and the same architecture from scratch "
+                                   "(init=random) with one recipe, fit a linear model on raw pixels, all on the same "
+                                   "group-aware split (or finetune.folds), and print one table of the task's "
+                                   "metrics. Takes the same --set finetune.* values as `echocare finetune`; writes "
+                                   "evaluate.txt / evaluate.json under finetune.run_dir.")
+    add_config_args(p)
+    p.set_defaults(func=_cmd_evaluate)

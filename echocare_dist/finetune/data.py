@@ -1,11 +1,12 @@
 """Labeled downstream data: discovery, train/val split, decoding, resizing.
 
-Layouts (`finetune.data` is a folder; paths in a CSV are relative to `finetune.data` when set,
-else to the CSV's folder; names may contain spaces):
+Layouts (discovery.py and pairing.py find the samples; `finetune.data` is a folder; paths in a
+CSV are relative to `finetune.data` when set, else to the CSV's folder; names may contain spaces):
 - classification: `data/<class name>/**/<image>` (one sub-folder per class, sorted names give
-  the class ids), or a CSV with header `path,label` (labels are names or integers).
-- segmentation: `data/images/**/<stem>.<ext>` with `data/masks/**/<stem>[<mask_suffix>].<ext>`
-  (any image type on either side, same relative folder), or a CSV with header `path,mask`.
+  the class ids; mask files in them are skipped and counted), or a CSV `path,label`.
+- segmentation: `data/images/` + `data/masks/`, masks beside their images (`<stem>_mask.png`,
+  several `<stem>_mask_N.png` merged), stems paired by `finetune.image_pattern` /
+  `finetune.mask_pattern` (`Test_Image_{id}` / `mask_{id}`), or a CSV `path,mask`.
 - regression: a CSV with header `path,value`.
 
 Images: PNG/JPEG/BMP/TIFF of any size and depth, gray or colour; decoded to 8-bit gray (the
@@ -17,14 +18,15 @@ Masks (may differ from their image in size and file type; resized with nearest n
 - `mask_mode=auto` (default): binary when every mask holds only 0 and 255, ids when every value
   is below 128, otherwise an error asking to choose.
 Colour masks whose channels differ are refused (encode classes as gray or palette values).
+16-bit masks: 0/65535 (or 0 and one other value) read as 0/255, 8-bit data scaled by 257 is
+scaled back, values below 256 are kept; anything else is refused with the values found.
 """
 from __future__ import annotations
 
 import csv
 import logging
 import random
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -33,8 +35,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..atomic import atomic_write_text
-from ..config import ConfigError, FinetuneConfig
 from ..curation.media import IMAGE_EXTS, iter_image
+from .augment import augment
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ class TaskData:
     samples: list[Sample]
     class_names: list[str] | None      # classification
     root: Path
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> paths left out (counted, logged)
+    mask_values: set[int] | None = None  # segmentation: every value in the kept masks
 
 
 # --------------------------------------------------------------------------------------
@@ -97,14 +101,41 @@ def read_mask_values(path: Path) -> np.ndarray:
         if arr.min() < 0 or arr.max() > 65535:
             raise DataError(f"mask {path} holds values outside 0..65535")
         arr = arr.astype(np.uint16)
+    if arr.dtype == np.uint16 and arr.max(initial=0) > 255:
+        arr = _sixteen_bit_to_8(arr, path)
     return arr
 
 
-def scan_mask_values(mask_paths: list[Path]) -> set[int]:
+def _sixteen_bit_to_8(arr: np.ndarray, path: Path) -> np.ndarray:
+    values = np.unique(arr)
+    nonzero = values[values > 0]
+    if len(nonzero) == 1:  # a binary mask saved at 16 bits (0/65535, 0/1000, ...)
+        return np.where(arr > 0, 255, 0).astype(np.uint8)
+    if np.all(values % 257 == 0):  # 8-bit levels stretched to 16 bits (v * 257)
+        return (arr // 257).astype(np.uint8)
+    shown = values[:8].tolist()
+    raise DataError(f"16-bit mask {path} holds values {shown}{'...' if len(values) > 8 else ''}: neither binary "
+                    f"nor 8-bit levels scaled by 257; save it as an 8-bit gray or palette image")
+
+
+def read_mask(target) -> np.ndarray:
+    """Mask values of a sample: one path, or several masks of one image merged (union of their
+    foreground: pixel-wise maximum, at the size of the first mask, nearest neighbour)."""
+    paths = list(target) if isinstance(target, (tuple, list)) else [target]
+    merged = read_mask_values(paths[0])
+    for p in paths[1:]:
+        extra = read_mask_values(p)
+        if extra.shape != merged.shape:
+            extra = cv2.resize(extra, merged.shape[::-1], interpolation=cv2.INTER_NEAREST)
+        merged = np.maximum(merged, extra.astype(merged.dtype))
+    return merged
+
+
+def scan_mask_values(targets: list) -> set[int]:
     """Every value that occurs in the masks (read once at start-up: class count and mask mode)."""
     values: set[int] = set()
-    for p in mask_paths:
-        values.update(int(v) for v in np.unique(read_mask_values(p)))
+    for t in targets:
+        values.update(int(v) for v in np.unique(read_mask(t)))
     return values
 
 
@@ -142,12 +173,12 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # discovery
 # --------------------------------------------------------------------------------------
-def _images_under(root: Path) -> list[Path]:
+def images_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def _read_csv(path: Path, columns: tuple[str, str]) -> list[tuple[str, str]]:
+def read_csv(path: Path, columns: tuple[str, str]) -> list[tuple[str, str]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -169,7 +200,7 @@ def _read_csv(path: Path, columns: tuple[str, str]) -> list[tuple[str, str]]:
     return rows
 
 
-def _resolve(base: Path, rel: str, what: str, csv_path: Path) -> Path:
+def resolve_csv_path(base: Path, rel: str, what: str, csv_path: Path) -> Path:
     p = Path(rel).expanduser()
     p = p if p.is_absolute() else base / p
     if not p.is_file():
@@ -177,116 +208,16 @@ def _resolve(base: Path, rel: str, what: str, csv_path: Path) -> Path:
     return p
 
 
-def _class_order(labels: list[str]) -> list[str]:
+def class_order(labels: list[str]) -> list[str]:
     names = sorted(set(labels))
     if all(n.lstrip("-").isdigit() for n in names):
         names.sort(key=int)
     return names
 
 
-def discover(ft: FinetuneConfig, resolve_path) -> TaskData:
-    """All labeled samples of the task, in a deterministic order."""
-    data = resolve_path(ft.data) if ft.data else None
-    csv_path = resolve_path(ft.csv) if ft.csv else None
-    if data is None and csv_path is None:
-        raise ConfigError("finetune.data or finetune.csv must be set")
-    if data is not None and not data.is_dir():
-        raise ConfigError(f"finetune.data={ft.data!r} is not a directory")
-    root = data if data is not None else csv_path.parent
-
-    if ft.task == "classification":
-        if csv_path is not None:
-            rows = _read_csv(csv_path, ("path", "label"))
-            names = _class_order([label for _, label in rows])
-            index = {n: i for i, n in enumerate(names)}
-            samples = [Sample(_resolve(root, p, "image", csv_path), index[label], p) for p, label in rows]
-        else:
-            class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-            class_dirs = [d for d in class_dirs if _images_under(d)]
-            if len(class_dirs) < 2:
-                raise DataError(f"{root}: classification needs one sub-folder of images per class "
-                                f"(found {len(class_dirs)} with images)")
-            names = [d.name for d in class_dirs]
-            samples = [Sample(img, i, img.relative_to(root).as_posix())
-                       for i, d in enumerate(class_dirs) for img in _images_under(d)]
-        return TaskData(samples, names, root)
-
-    if ft.task == "regression":
-        if csv_path is None:
-            raise ConfigError("finetune.task=regression needs finetune.csv (columns path,value)")
-        samples = []
-        for p, value in _read_csv(csv_path, ("path", "value")):
-            try:
-                v = float(value)
-            except ValueError:
-                raise DataError(f"CSV {csv_path}: value {value!r} of {p!r} is not a number") from None
-            if not np.isfinite(v):
-                raise DataError(f"CSV {csv_path}: value {value!r} of {p!r} is not finite")
-            samples.append(Sample(_resolve(root, p, "image", csv_path), v, p))
-        return TaskData(samples, None, root)
-
-    # segmentation
-    if csv_path is not None:
-        samples = [Sample(_resolve(root, p, "image", csv_path), _resolve(root, m, "mask", csv_path), p)
-                   for p, m in _read_csv(csv_path, ("path", "mask"))]
-        return TaskData(samples, None, root)
-    images_dir, masks_dir = root / "images", root / "masks"
-    if not images_dir.is_dir() or not masks_dir.is_dir():
-        raise DataError(f"{root}: segmentation needs images/ and masks/ sub-folders (or finetune.csv)")
-    masks: dict[tuple[str, str], Path] = {}
-    for m in _images_under(masks_dir):
-        rel_dir = m.parent.relative_to(masks_dir).as_posix()
-        masks.setdefault((rel_dir, m.stem), m)
-    samples, missing = [], []
-    for img in _images_under(images_dir):
-        rel_dir = img.parent.relative_to(images_dir).as_posix()
-        mask = masks.get((rel_dir, img.stem)) or masks.get((rel_dir, img.stem + ft.mask_suffix))
-        if mask is None:
-            missing.append(img)
-        else:
-            samples.append(Sample(img, mask, img.relative_to(root).as_posix()))
-    if missing:
-        raise DataError(f"{len(missing)} image(s) under {images_dir} have no mask in {masks_dir} (looked for the "
-                        f"same stem or stem + {ft.mask_suffix!r}), e.g. {missing[0]}")
-    if not samples:
-        raise DataError(f"no images under {images_dir}")
-    return TaskData(samples, None, root)
-
-
 # --------------------------------------------------------------------------------------
-# split
+# split file
 # --------------------------------------------------------------------------------------
-def split_samples(task: TaskData, ft: FinetuneConfig, resolve_path) -> tuple[list[Sample], list[Sample]]:
-    if ft.split_file:
-        path = resolve_path(ft.split_file)
-        assignment = dict(_read_csv(path, ("path", "split")))
-        by_key = {s.key: s for s in task.samples}
-        unknown = [k for k in assignment if k not in by_key]
-        if unknown:
-            raise DataError(f"split file {path} names {len(unknown)} path(s) that are not in the data, "
-                            f"e.g. {unknown[0]!r} (paths are relative to {task.root})")
-        train = [s for s in task.samples if assignment.get(s.key) == "train"]
-        val = [s for s in task.samples if assignment.get(s.key) == "val"]
-    else:
-        rng = random.Random(ft.seed)
-        groups: dict[object, list[Sample]] = defaultdict(list)
-        for s in task.samples:  # stratify classification; one group otherwise
-            groups[s.target if task.class_names is not None else 0].append(s)
-        train, val = [], []
-        for key in sorted(groups, key=str):
-            members = list(groups[key])
-            rng.shuffle(members)
-            n_val = int(round(len(members) * ft.val_fraction))
-            if len(members) >= 2:
-                n_val = min(max(n_val, 1), len(members) - 1)
-            val += members[:n_val]
-            train += members[n_val:]
-    if not train or not val:
-        raise DataError(f"the split leaves {len(train)} training and {len(val)} validation samples "
-                        f"(of {len(task.samples)}); both must be non-empty")
-    return train, val
-
-
 def write_split(path: Path, train: list[Sample], val: list[Sample]) -> None:
     """The split actually used, in split-file format (reusable as finetune.split_file)."""
     import io
@@ -307,10 +238,11 @@ class FinetuneDataset(Dataset):
 
     def __init__(self, samples: list[Sample], task: str, img_size: int, in_chans: int, norm_mean: float,
                  norm_std: float, train: bool, hflip_prob: float = 0.0, mask_mode: str = "ids",
-                 num_classes: int = 0, target_mean: float = 0.0, target_std: float = 1.0, seed: int = 0):
+                 num_classes: int = 0, target_mean: float = 0.0, target_std: float = 1.0, seed: int = 0,
+                 augment: bool = False):
         self.samples, self.task, self.size, self.in_chans = samples, task, img_size, in_chans
         self.mean, self.std = norm_mean, norm_std
-        self.train, self.hflip_prob = train, hflip_prob
+        self.train, self.hflip_prob, self.augment = train, hflip_prob, augment
         self.mask_mode, self.num_classes = mask_mode, num_classes
         self.target_mean, self.target_std = target_mean, target_std
         self.seed = seed
@@ -322,18 +254,26 @@ class FinetuneDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _flip(self, index: int) -> bool:
-        # Seeded per (seed, epoch, sample): identical with any number of DataLoader workers.
-        if not self.train or self.hflip_prob <= 0:
-            return False
-        return random.Random(hash((self.seed, self.epoch, index))).random() < self.hflip_prob
-
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
         img = resize_gray(read_gray(s.image), self.size).astype(np.float32) / 255.0
-        flip = self._flip(index)
+        # Seeded per (seed, epoch, sample): identical with any number of DataLoader workers.
+        rng = random.Random(hash((self.seed, self.epoch, index)))
+        flip = self.train and self.hflip_prob > 0 and rng.random() < self.hflip_prob
         if flip:
             img = img[:, ::-1]
+        small = None
+        if self.task == "segmentation":
+            ids = mask_to_ids(read_mask(s.target), self.mask_mode)
+            if ids.max(initial=0) >= self.num_classes:
+                raise DataError(f"mask {s.target} holds class id {int(ids.max())} but there are "
+                                f"{self.num_classes} classes (finetune.num_classes / mask_mode)")
+            small = resize_mask(ids, self.size)
+            if flip:
+                small = small[:, ::-1]
+        if self.train and self.augment:
+            img, small = augment(np.ascontiguousarray(img), None if small is None else np.ascontiguousarray(small),
+                                 rng)
         x = torch.from_numpy((np.ascontiguousarray(img) - self.mean) / self.std)[None]
         if self.in_chans > 1:
             x = x.expand(self.in_chans, -1, -1).clone()
@@ -343,13 +283,6 @@ class FinetuneDataset(Dataset):
         elif self.task == "regression":
             out["target"] = torch.tensor((float(s.target) - self.target_mean) / self.target_std, dtype=torch.float32)
         else:
-            ids = mask_to_ids(read_mask_values(s.target), self.mask_mode)
-            if ids.max(initial=0) >= self.num_classes:
-                raise DataError(f"mask {s.target} holds class id {int(ids.max())} but there are "
-                                f"{self.num_classes} classes (finetune.num_classes / mask_mode)")
-            small = resize_mask(ids, self.size)
-            if flip:
-                small = small[:, ::-1]
             out["target"] = torch.from_numpy(np.ascontiguousarray(small))
             if not self.train:
                 out["mask_full"] = torch.from_numpy(ids)  # metrics are taken at the mask's own resolution

@@ -8,6 +8,10 @@ Conventions (the report's tables use the same ones):
   count one half. NaN when no class qualifies (e.g. a validation set with a single class).
 - Dice and NSD are computed per image and per foreground class (class 0 = background), then
   averaged. Both masks empty -> 1 (absence predicted correctly); exactly one empty -> 0.
+  That "empty-empty counts" convention (`dice`, `nsd`) rewards a background-only predictor on
+  sets with many normal images, so `dice_lesion` / `nsd_lesion` average only the (image, class)
+  pairs whose ground truth holds the class (NaN when none does). Both are always reported.
+- 95% confidence intervals: percentile bootstrap over validation images (`bootstrap_ci`).
 - NSD (Nikolov et al. 2021): share of both boundaries lying within `tolerance` pixels of the
   other boundary. Boundaries are the mask pixels with a 4-neighbour outside the mask (the image
   border counts as outside).
@@ -164,6 +168,36 @@ def mae(y_true: Sequence[float], y_pred: Sequence[float]) -> float:
     if y_true.size == 0:
         return math.nan
     return float(np.abs(y_true - y_pred).mean())
+
+
+def segmentation_summary(dices: np.ndarray, nsds: np.ndarray, has_target: np.ndarray) -> dict:
+    """(images, foreground classes) arrays -> both Dice/NSD conventions (module docstring)."""
+    dices, nsds, has_target = np.asarray(dices), np.asarray(nsds), np.asarray(has_target, dtype=bool)
+    out = dict(dice=float(dices.mean()), nsd=float(nsds.mean()))
+    out["dice_lesion"] = float(dices[has_target].mean()) if has_target.any() else math.nan
+    out["nsd_lesion"] = float(nsds[has_target].mean()) if has_target.any() else math.nan
+    return out
+
+
+def bootstrap_ci(metric, arrays: Sequence[np.ndarray], resamples: int, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of `metric(*arrays)`, resampling rows (images) with replacement.
+    Resamples where the metric is undefined (NaN, e.g. one class only) are left out."""
+    n = len(arrays[0])
+    if resamples <= 0 or n < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        v = metric(*(np.asarray(a)[idx] for a in arrays))
+        if not math.isnan(v):
+            values.append(v)
+    if len(values) < max(10, resamples // 10):
+        return math.nan, math.nan
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(values, [tail, 100.0 - tail])
+    return float(lo), float(hi)
 
 
 # Direction of each metric, for best-checkpoint selection.

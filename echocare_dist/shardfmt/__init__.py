@@ -7,12 +7,12 @@ that writes or reads shards goes through here; this package imports nothing of d
 from .index import INDEX_VERSION, INDEX_VERSIONS, IndexedSample, index_lines, index_text, read_index, write_index
 from .manifest import (MANIFEST, MANIFEST_FORMAT, SHARD_RE, Manifest, ShardEntry, keys_digest,
                        shard_name)
-from .sample import (PROVENANCE_KEYS, SAMPLE_EXTS, SAMPLE_KEY_RE, SampleError, ShardError, check_key,
-                     split_name)
+from .sample import (CHECKSUM_KEY, PROVENANCE_KEYS, SAMPLE_EXTS, SAMPLE_KEY_RE, SampleError, ShardError,
+                     check_key, checksum_problem, jpg_checksum, split_name)
 from .tar import TAR_BLOCK, TAR_RECORD, ShardReader, ShardWriter, parse_member_header, tar_member_bytes
 
 __all__ = ["INDEX_VERSION", "INDEX_VERSIONS", "IndexedSample", "index_lines", "index_text", "read_index",
            "write_index", "MANIFEST", "MANIFEST_FORMAT", "SHARD_RE", "Manifest", "ShardEntry", "keys_digest",
-           "shard_name", "PROVENANCE_KEYS", "SAMPLE_EXTS", "SAMPLE_KEY_RE", "SampleError", "ShardError",
-           "check_key", "split_name", "TAR_BLOCK", "TAR_RECORD", "ShardReader", "ShardWriter",
+           "shard_name", "CHECKSUM_KEY", "checksum_problem", "jpg_checksum", "PROVENANCE_KEYS", "SAMPLE_EXTS",
+           "SAMPLE_KEY_RE", "SampleError", "ShardError", "check_key", "split_name", "TAR_BLOCK", "TAR_RECORD", "ShardReader", "ShardWriter",
            "parse_member_header", "tar_member_bytes"]

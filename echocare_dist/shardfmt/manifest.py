@@ -5,10 +5,11 @@
     config.resolved.yaml                      the configuration that built it
 
 A directory with a manifest holds exactly the shards it lists. Format 1 keys (docs/architecture.md):
-ontology_hash, ontology_nodes, num_samples, shards [{name, samples, bytes, sha256, keys_sha256?}],
-per_source, per_node, rejected {reason: {count, paths, details?}}; the builder adds what shaped
-the build (ontology_names, sources, files, staged_samples, ignored, curation, fingerprint). A
-manifest without "format" predates the field and is read as format 1.
+ontology_hash, ontology_nodes, num_samples, shards [{name, samples, bytes, sha256, keys_sha256?,
+idx_sha256?}], per_source, per_node, rejected {reason: {count, paths, details?}}; the builder adds
+what shaped the build (ontology_names, sources, files, staged_samples, ignored, curation,
+fingerprint, excluded, label_conflicts). A manifest without "format" predates the field and is
+read as format 1.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ _TYPES = {"ontology_hash": (str, "a string"), "ontology_nodes": (int, "an intege
           "per_node": (dict, "an object"), "rejected": (dict, "an object"),
           "ontology_names": (list, "a list"), "sources": (list, "a list"), "files": (int, "an integer"),
           "staged_samples": (int, "an integer"), "ignored": (dict, "an object"), "curation": (dict, "an object"),
-          "fingerprint": (str, "a string")}
+          "fingerprint": (str, "a string"), "excluded": (dict, "an object"), "label_conflicts": (list, "a list")}
 
 
 def shard_name(i: int) -> str:
@@ -53,6 +54,7 @@ class ShardEntry:
     bytes: int       # size of the tar; a different size on disk means a damaged copy
     sha256: str
     keys_sha256: str | None = None
+    idx_sha256: str | None = None   # of the DALI index: a rerun checks it (small) on every build
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -75,11 +77,16 @@ class Manifest:
     ignored: dict | None = None
     curation: dict | None = None
     fingerprint: str | None = None
+    # Optional (older manifests lack them): files the mapping's `exclude:` globs left out
+    # {count, paths}, and duplicate groups filed under different labels [{path, labels, resolved,
+    # policy, others}] (curation/conflicts.py).
+    excluded: dict | None = None
+    label_conflicts: list | None = None
 
     def to_dict(self) -> dict:
         order = ("format", "ontology_hash", "ontology_nodes", "ontology_names", "num_samples", "shards",
                  "per_source", "per_node", "rejected", "sources", "files", "staged_samples", "ignored",
-                 "curation", "fingerprint")
+                 "curation", "fingerprint", "excluded", "label_conflicts")
         out = {}
         for key in order:
             value = getattr(self, key)
@@ -132,12 +139,13 @@ class Manifest:
 
 def _shard_entry(e, i: int, source) -> ShardEntry:
     try:
-        entry = ShardEntry(e["name"], e["samples"], e["bytes"], e["sha256"], e.get("keys_sha256"))
+        entry = ShardEntry(e["name"], e["samples"], e["bytes"], e["sha256"], e.get("keys_sha256"),
+                           e.get("idx_sha256"))
     except (KeyError, TypeError) as exc:
         raise ShardError(f"{source}: shards[{i}] needs name, samples, bytes and sha256, got {e!r:.120}") from exc
     types_ok = (isinstance(entry.name, str) and isinstance(entry.sha256, str)
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in (entry.samples, entry.bytes))
-                and isinstance(entry.keys_sha256, (str, type(None))))
+                and all(isinstance(v, (str, type(None))) for v in (entry.keys_sha256, entry.idx_sha256)))
     if not types_ok:
         raise ShardError(f"{source}: shards[{i}] needs name and sha256 strings, samples and bytes integers, "
                          f"got {e!r:.120}")

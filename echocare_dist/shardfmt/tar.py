@@ -63,11 +63,11 @@ class ShardWriter:
             os.fsync(fh.fileno())
         sha256 = file_sha256(self._tmp)
         # Index first (describes the tmp tar's bytes, which the rename keeps unchanged).
-        write_index(self._tmp, self.path.with_suffix(".idx"))
+        idx = write_index(self._tmp, self.path.with_suffix(".idx"))
         os.replace(self._tmp, self.path)
         _fsync_dir(self.path.parent)
         self.entry = ShardEntry(self.path.name, len(self.keys), self.path.stat().st_size, sha256,
-                                keys_digest(self.keys))
+                                keys_digest(self.keys), file_sha256(idx))
         return self.entry
 
     def abort(self) -> None:
@@ -87,14 +87,16 @@ class ShardWriter:
 
 
 def parse_member_header(header: bytes) -> tuple[str, int]:
-    """(name, size) from a 512-byte tar header (GNU base-256 sizes included)."""
+    """(name, size) from a 512-byte tar header (GNU base-256 sizes included); SampleError when the
+    bytes are no tar header (an index offset that points into member data)."""
     name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
     raw = header[124:136]
     if raw and raw[0] & 0x80:
-        size = int.from_bytes(raw[1:], "big")
-    else:
-        size = int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
-    return name, size
+        return name, int.from_bytes(raw[1:], "big")
+    try:
+        return name, int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise SampleError(f"no tar header before this offset (size field {bytes(raw)!r} is not octal)") from None
 
 
 class ShardReader:

@@ -5,13 +5,17 @@ Layout under {run_dir}/checkpoints/:
                             its client state holds step, every rank's loader and RNG state,
                             the resolved config, the ontology hash and the MLflow run id
   step_00005000/meta.json   written by rank 0 after every rank finished saving: the marker
-                            that the directory is complete (never trust a dir without it)
+                            that the directory is complete (never trust a dir without it);
+                            `files` holds the size and SHA-256 of every file of the directory,
+                            checked on resume and by `echocare export` (a mismatch names the file)
   step_00005000_universal/  DeepSpeed universal form, made on demand when the world size changed
   latest                    text: the tag of the newest complete checkpoint, rewritten atomically
                             only after meta.json exists; keep-last-K pruning happens after that
 
 A crash at any moment therefore leaves `latest` on a complete checkpoint (the previous one
-while a save is in flight), and `--resume auto` never reads a partial directory.
+while a save is in flight), and `--resume auto` never reads a partial directory. A save that
+fails (disk full, I/O error) raises CheckpointSaveError naming the directory and the free space;
+`latest` and the previous checkpoint are untouched.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import atomic_write_json, atomic_write_text
+from ..atomic import atomic_write_json, atomic_write_text, file_sha256
 from ..config import Config, ModelConfig
 from . import distributed
 
@@ -43,6 +47,55 @@ ARCH_FIELDS = ("arch", "img_size", "patch_size", "window_size", "in_chans", "emb
 
 class ResumeError(RuntimeError):
     """A checkpoint exists but cannot continue this run (different ontology, architecture, ...)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed; the message names the directory, the error and the free space."""
+
+
+def hash_files(path: Path) -> dict[str, dict]:
+    """{relative path: {bytes, sha256}} of every file under a checkpoint directory but the marker."""
+    out = {}
+    for root, _, names in os.walk(path):
+        for name in sorted(names):
+            full = Path(root) / name
+            rel = full.relative_to(path).as_posix()
+            if rel != META:
+                out[rel] = {"bytes": full.stat().st_size, "sha256": file_sha256(full)}
+    return dict(sorted(out.items()))
+
+
+def verify_files(path: Path, meta: dict) -> list[str]:
+    """Files of checkpoint `path` that differ from what its marker recorded (empty: all match).
+
+    A marker without `files` predates the hashes: nothing to compare (the caller may warn)."""
+    recorded = meta.get("files")
+    if not isinstance(recorded, dict):
+        return []
+    problems = []
+    for rel, want in recorded.items():
+        full = path / rel
+        try:
+            size = full.stat().st_size
+        except OSError as exc:
+            problems.append(f"{full}: {exc.strerror or exc} (recorded in {path / META})")
+            continue
+        if size != want.get("bytes"):
+            problems.append(f"{full}: {size} bytes, {path / META} recorded {want.get('bytes')}")
+        elif file_sha256(full) != want.get("sha256"):
+            problems.append(f"{full}: SHA-256 differs from the one {path / META} recorded at save time "
+                            f"(the file was damaged or replaced after the save)")
+    return problems
+
+
+def _free_space(path: Path) -> str:
+    for p in (path, *path.parents):
+        try:
+            usage = shutil.disk_usage(p)
+        except OSError:
+            continue
+        return f"{usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.1f} GiB on {p}"
+    return "free space unknown"
 
 
 def tag_for(step: int) -> str:
@@ -145,6 +198,7 @@ class CheckpointManager:
         if meta is None:
             raise ResumeError(f"{source / META} is unreadable")
         self._check_compatible(source, meta, cfg, ontology_hash)
+        self._check_files(source, meta)
 
         saved_world = int(meta["world_size"])
         universal = saved_world != self.env.world_size and int(meta["zero_stage"]) >= 1
@@ -177,6 +231,20 @@ class CheckpointManager:
             raise ResumeError(f"checkpoint {source} has a different model architecture ({detail}). "
                               f"Use a new train.run_dir or train.resume=none.")
 
+    def _check_files(self, source: Path, meta: dict) -> None:
+        """Collective: rank 0 hashes the checkpoint's files against its marker, every rank gets the verdict."""
+        problems = None
+        if self.env.is_main:
+            if "files" not in meta:
+                log.warning("%s has no file hashes (written before they were recorded): not verified",
+                            source / META)
+            problems = verify_files(source, meta)
+        problems = distributed.broadcast_object(problems)
+        if problems:
+            raise ResumeError(f"checkpoint {source} is damaged: " + "; ".join(problems[:5])
+                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+                              + ". Resume from an earlier checkpoint (train.resume=<its directory>) or remove it.")
+
     def _convert_to_universal(self, source: Path, target: Path, meta: dict) -> None:
         from deepspeed.checkpoint import ds_to_universal
 
@@ -193,7 +261,8 @@ class CheckpointManager:
         # The converter also drops a `latest_universal` pointer (naming the temp dir) next to its
         # output; we load by explicit tag, so remove it rather than leave a misleading file.
         (target.parent / "latest_universal").unlink(missing_ok=True)
-        atomic_write_json(tmp / META, dict(meta, universal_of=source.name))
+        # The marker vouches for the converted files, not the source's (their hashes are other files').
+        atomic_write_json(tmp / META, dict(meta, universal_of=source.name, files=hash_files(tmp)))
         _fsync_tree(tmp)
         os.replace(tmp, target)
         log.info("universal checkpoint %s written in %.1f s", target, time.time() - t0)
@@ -220,16 +289,31 @@ class CheckpointManager:
                     shutil.rmtree(stale)
         distributed.barrier()
         t0 = time.time()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        previous = self.latest_tag()
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        except Exception as exc:  # noqa: BLE001 - torch reports a full disk as RuntimeError("... iostream error")
+            raise self._save_failed(path, previous, exc) from exc
         distributed.barrier()  # every rank's shards are on disk
         if self.env.is_main:
-            _fsync_tree(path)
-            atomic_write_json(path / META, dict(meta, tag=tag, step=step, saved_at=time.time()))
-            atomic_write_text(self.root / LATEST, tag + "\n")
+            try:
+                _fsync_tree(path)
+                files = hash_files(path)
+                atomic_write_json(path / META, dict(meta, tag=tag, step=step, saved_at=time.time(), files=files))
+                atomic_write_text(self.root / LATEST, tag + "\n")
+            except OSError as exc:
+                raise self._save_failed(path, previous, exc) from exc
             self.prune(current=tag)
             log.info("checkpoint %s complete (%.1f s)", path, time.time() - t0)
         distributed.barrier()  # nobody exits (e.g. after preemption) before `latest` moved
         return path
+
+    def _save_failed(self, path: Path, previous: str | None, exc: BaseException) -> CheckpointSaveError:
+        kept = (f"`latest` still names {previous}, which is untouched" if previous
+                else "there is no earlier checkpoint")
+        return CheckpointSaveError(
+            f"checkpoint {path.name}: saving to {path} failed ({type(exc).__name__}: {exc}); "
+            f"{_free_space(path.parent)}; {kept}; the partial {path.name} has no {META} and is never resumed")
 
     def prune(self, current: str) -> None:
         """Keep the newest `keep_last` complete checkpoints; drop older ones and stale partial dirs."""

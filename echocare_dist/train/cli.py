@@ -1,11 +1,18 @@
 """`echocare pretrain`: run the pretraining in this process, or spawn N local ranks.
 
     echocare pretrain --config tiny_cpu --set data.shards=/data/shards            # one process
-    echocare pretrain --nproc 2 --config tiny_cpu --set data.shards=/data/shards  # 2 ranks (torchrun-style)
+    echocare pretrain --nproc 2 --config tiny_cpu --set data.shards=/data/shards  # 2 local ranks
 
 Under a launcher (deepspeed, torchrun, srun) use launch/pretrain.py, which runs the same worker.
+`--nproc N` is our own local launcher (launcher.py): it forwards SIGTERM/SIGUSR1 (and Ctrl-C) to
+the ranks, which checkpoint and exit 124; its ranks die with it, even on SIGKILL; it holds the
+run-directory lock.
+
 Exit codes: 0 finished; train.requeue_exit_code (default 124) preempted after a complete
-checkpoint, requeue; 2 bad config / incompatible checkpoint; anything else is a crash.
+checkpoint, requeue; 2 bad config, failed pre-flight (incl. a run directory in use by another
+run) or incompatible checkpoint; 3 stopped after train.max_bad_steps consecutive non-finite
+(NaN/Inf) steps, `latest` on the last finite checkpoint; 1 or anything else is a crash (a rank
+whose peer failed exits 1 too, naming the peer's error).
 """
 from __future__ import annotations
 
@@ -44,11 +51,19 @@ def run_worker(args) -> int:
     # Imported only now: they pull in torch and DeepSpeed, which a failed pre-flight need not wait for.
     from ..tracking import TrackingError
     from .checkpoint import ResumeError
+    from .control import EXIT_NONFINITE, NonFiniteError
+    from .faults import EXIT_PEER_FAILED, PeerFailed
     try:
         from .trainer import pretrain
         return pretrain(cfg)
     except (ConfigError, OntologyError, ResumeError, TrackingError) as exc:
         return _user_error(exc)
+    except NonFiniteError as exc:
+        print(f"echocare pretrain: error: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except PeerFailed as exc:  # the cause is another rank's: its traceback is in its own log
+        print(f"echocare pretrain: error: {exc}", file=sys.stderr)
+        return EXIT_PEER_FAILED
 
 
 def worker_argv(args) -> list[str]:
@@ -61,33 +76,18 @@ def worker_argv(args) -> list[str]:
 
 
 def spawn_local(args, nproc: int) -> int:
-    """N ranks on this machine through torch.distributed.run; returns the ranks' exit code.
-
-    torchrun itself reports any failed rank as exit 1; a preemption (every failed rank exited with
-    the requeue code) is passed through as that code so wrappers can requeue.
-    """
+    """N ranks on this machine through our local launcher (launcher.py); returns the job's exit code:
+    the requeue code after a preemption, the first failing rank's code after a failure."""
     from ..preflight import run_preflight
+    from .launcher import LocalLauncher
 
     # Fail here, once, before any rank starts: on a bad config and on anything the ranks' own
     # pre-flight would stop at (the message would otherwise come N times, after N torch imports).
     cfg = config_from_args(args)
     run_preflight(cfg)
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    launch_args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc_per_node={nproc}", "--max_restarts=0", "--monitor_interval=1",
-         "--module", "echocare_dist.train.cli", *worker_argv(args)])
-    try:
-        run(launch_args)
-    except ChildFailedError as exc:
-        codes = {f.exitcode for f in exc.failures.values()}
-        if codes == {cfg.train.requeue_exit_code}:
-            return cfg.train.requeue_exit_code
-        positive = sorted(c for c in codes if c > 0)  # negative = killed by a signal
-        return positive[0] if positive else 1
-    return 0
+    launcher = LocalLauncher(worker_argv(args), nproc, cfg.resolve_path(cfg.train.run_dir),
+                             requeue_code=cfg.train.requeue_exit_code, forward_signals=cfg.train.preempt_signals)
+    return launcher.run()
 
 
 def _command(args) -> int:

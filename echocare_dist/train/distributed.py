@@ -3,11 +3,13 @@
 The rank layout comes from the environment: the DeepSpeed launcher and torchrun export
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `srun` (one task per GPU) exports
 SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID, which we translate; a plain `python`
-start with none of them is a world of one. The device is cuda:LOCAL_RANK when CUDA is present,
-else the CPU (DeepSpeed then picks gloo).
+start with none of them is a world of one. The device follows train.device (pick_device: the one
+visible GPU under per-task binding, else cuda:LOCAL_RANK; the CPU when CUDA is not usable and
+nothing asked for it -- the pre-flight stops a run that did), and DeepSpeed picks NCCL or gloo.
 
-Besides the main group we keep a gloo "control" group: the per-step preemption vote is a
-one-integer all-reduce on the host, so it never forces a GPU synchronisation.
+Besides the main group we keep a gloo "control" group: the step-control vote (control.py:
+preemption, peer failure, non-finite steps; every train.preempt_check_every steps) is a
+three-integer all-reduce on the host, so it never forces a GPU synchronisation.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from datetime import timedelta
 
 import numpy as np
 import torch
+
+from .. import devices
 
 
 @dataclass(frozen=True)
@@ -78,13 +82,19 @@ def detect_env(environ: dict | None = None) -> dict:
     return layout
 
 
-def pick_device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def pick_device(local_rank: int, spec: str = "auto", *, world_size: int = 1,
+                environ: dict | None = None) -> torch.device:
+    """This rank's device (echocare_dist.devices.rank_device: per-task binding, whole-node visibility,
+    never two ranks on one GPU); `spec` is train.device, with $ECHOCARE_DEVICE standing in for auto.
+    Raises devices.DeviceError (exit code 2) before any process group exists."""
+    env = os.environ if environ is None else environ
+    key, spec = devices.train_device_spec(spec, env)
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    placement = devices.rank_device(spec, local_rank=local_rank, local_ranks=devices.local_world_size(env),
+                                    world_size=world_size, visible=visible, key=key)
+    if placement.kind == "cuda":
+        torch.cuda.set_device(placement.index)
+    return placement.torch_device()
 
 
 _CONTROL_GROUP = None
@@ -103,9 +113,9 @@ def prefer_environment_tools() -> None:
             os.environ["PATH"] = os.pathsep.join([bindir] + [p for p in parts if p != bindir])
 
 
-def init_distributed(timeout_s: int) -> DistEnv:
-    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU) plus a gloo control group."""
-    import deepspeed
+def init_distributed(timeout_s: int, device: str = "auto") -> DistEnv:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU) plus a gloo control group.
+    `device` is train.device; the rank's device is picked (and may fail, exit 2) before any group."""
     import torch.distributed as dist
 
     global _CONTROL_GROUP
@@ -116,7 +126,11 @@ def init_distributed(timeout_s: int) -> DistEnv:
                        ("LOCAL_RANK", layout["local_rank"]), ("MASTER_ADDR", layout["master_addr"]),
                        ("MASTER_PORT", layout["master_port"])):
         os.environ[str(key)] = str(value)
-    device = pick_device(layout["local_rank"])
+    device = pick_device(layout["local_rank"], device, world_size=layout["world_size"])
+    if device.type == "cpu" and torch.cuda.is_available():
+        # train.device=cpu on a GPU machine: DeepSpeed would otherwise pick its CUDA accelerator and NCCL.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
     if not dist.is_initialized():
         deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s),
                                    verbose=False)
@@ -139,14 +153,14 @@ def barrier() -> None:
         dist.barrier(group=_CONTROL_GROUP)
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when the flag is set on at least one (a host-side MAX all-reduce)."""
+def max_over_ranks(values: list[int]) -> list[int]:
+    """Element-wise MAX of small integers over ranks, on the host (the step-control vote, control.py)."""
     if not is_initialized():
-        return flag
+        return [int(v) for v in values]
     import torch.distributed as dist
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
-    return bool(t.item())
+    return [int(v) for v in t.tolist()]
 
 
 def all_gather_object(obj) -> list:

@@ -72,17 +72,37 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, world_size: int, device
     return optimizer, scheduler
 
 
-def deepspeed_config(cfg: Config, world_size: int, device: torch.device, load_universal: bool = False) -> dict:
+# Derived ZeRO buckets: an eighth of the model, clamped to 2e7..5e7 elements. A bucket is reduced
+# when it fills during backward, so it must be several times smaller than the gradients for
+# communication to overlap the rest of backward (Swin-L, 195 M: ~2.4e7, 8 buckets); above 5e7 the
+# overlap is lost for no gain in bandwidth (NCCL saturates far below that), under 2e7 launches
+# dominate. Each bucket costs 2 buffers of this many elements per rank and communication dtype.
+BUCKET_MIN, BUCKET_MAX, BUCKETS_PER_MODEL = 20_000_000, 50_000_000, 8
+
+
+def bucket_sizes(cfg: Config, n_params: int | None) -> dict[str, int]:
+    """ZeRO's reduce / allgather / ZeRO-3 prefetch buckets in elements: the train.* value, or
+    derived from the model when it is 0 (n_params None: the upper bound)."""
+    t = cfg.train
+    derived = BUCKET_MAX if n_params is None else min(BUCKET_MAX, max(BUCKET_MIN, n_params // BUCKETS_PER_MODEL))
+    reduce = t.reduce_bucket_size or derived
+    return {"reduce": reduce, "allgather": t.allgather_bucket_size or reduce,
+            "prefetch": t.prefetch_bucket_size or reduce}
+
+
+def deepspeed_config(cfg: Config, world_size: int, device: torch.device, load_universal: bool = False,
+                     n_params: int | None = None) -> dict:
     t = cfg.train
     on_gpu = device.type == "cuda"
+    buckets = bucket_sizes(cfg, n_params)
     zero: dict = dict(stage=t.zero_stage)
     if t.zero_stage >= 1:
         zero.update(overlap_comm=bool(t.overlap_comm and on_gpu), contiguous_gradients=True,
-                    reduce_bucket_size=t.reduce_bucket_size, allgather_bucket_size=t.reduce_bucket_size)
+                    reduce_bucket_size=buckets["reduce"], allgather_bucket_size=buckets["allgather"])
         if t.offload_optimizer:
             zero["offload_optimizer"] = dict(device="cpu", pin_memory=on_gpu)
     if t.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=t.reduce_bucket_size,
+        zero.update(stage3_prefetch_bucket_size=buckets["prefetch"],
                     stage3_gather_16bit_weights_on_model_save=False)
     ds = {
         "train_batch_size": global_batch(cfg, world_size),
@@ -99,11 +119,18 @@ def deepspeed_config(cfg: Config, world_size: int, device: torch.device, load_un
         "zero_allow_untested_optimizer": True,
         "checkpoint": {"load_universal": bool(load_universal)},
     }
-    if t.precision == "bf16":
-        # fp32 master weights, bf16 matmuls/convs inside the engine's forward (DeepSpeed wraps
-        # it in torch.autocast); Linear/Conv gradients are communicated in bf16.
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    elif t.precision == "fp16":
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
-                      "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    if t.precision in ("bf16", "fp16"):
+        # Both through torch.autocast inside the engine's forward, over fp32 weights: the model,
+        # its fp32 master copy and the checkpoints stay one dtype. Not DeepSpeed's "fp16" section,
+        # which halves the weights (and with auto_cast off crashes at the first conv). For fp16
+        # DeepSpeed adds a dynamic loss scaler (torch.amp.GradScaler) to ZeRO 0-3 itself.
+        # The gradients are those of fp32 parameters. By default DeepSpeed reduces the gradients
+        # of its "lower precision safe modules" (Linear, Conv) in the autocast dtype and the rest in
+        # fp32: two communication dtypes, two sets of ZeRO buckets. We reduce everything in fp32
+        # (an empty module list): one bucket set, and an exact sum over ranks instead of a sum of
+        # values rounded to 8 mantissa bits; the cost, 2x the bytes of a bf16 reduction, overlaps
+        # backward with the derived buckets (docs/cluster.md, "Communication").
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if t.precision == "bf16" else "float16",
+                                "lower_precision_safe_modules": []}
     return ds
+

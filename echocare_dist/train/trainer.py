@@ -5,8 +5,13 @@
     metrics      -> memory, log window, JSONL        images      -> reconstruction grids
     echocare_dist.tracking -> MLflow (rank 0)
 
+    control      -> the step-control vote          faults      -> failure reports, watchdog, injection
+    ../runlock   -> one run per run directory
+
 `pretrain(cfg)` returns the process exit code: 0 when the run reached train.steps,
-train.requeue_exit_code after a preemption checkpoint.
+train.requeue_exit_code after a preemption checkpoint; it raises NonFiniteError (exit code 3)
+after train.max_bad_steps consecutive non-finite steps and any other error as it came. Loader
+workers are stopped, and the run-directory lock released, on every way out.
 """
 from __future__ import annotations
 
@@ -17,20 +22,28 @@ import time
 import torch
 
 from ..atomic import atomic_write_bytes
-from ..config import Config, save_resolved
-from ..ontology import load_ontology
+from ..config import Config, ConfigError, save_resolved
+from ..ontology import OntologyError, load_ontology
+from ..redact import redact_tree
+from ..runlock import RunDirLock, RunDirLocked
 from ..tracking import Tracker, TrackingError, flatten
 from . import distributed
-from .checkpoint import CheckpointManager, ResumePlan, model_fingerprint
+from .checkpoint import CheckpointManager, ResumeError, ResumePlan, model_fingerprint
+from .control import NonFiniteError, StepControl
+from .faults import FailureBoard, FaultPlan, PeerFailed, PeerWatchdog, describe_failure
 from .images import reconstruction_grid
 from .metrics import MetricsFile, Window, memory_gb
 from .optim import global_batch, scaled_lr
-from .preemption import PreemptionHandler
+from .preemption import Preempted, PreemptionHandler
 from .step import DS_CONFIG_FILE, Components, StepResult, build_components, train_step
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+# Raised by every rank together (a broadcast decision or the same global value): no failure report,
+# and never read as "caused by a peer".
+COLLECTIVE_ERRORS = (ConfigError, OntologyError, ResumeError, TrackingError, NonFiniteError, PeerFailed,
+                     Preempted)
 
 
 def setup_logging(rank: int) -> None:
@@ -46,8 +59,15 @@ def setup_logging(rank: int) -> None:
 
 
 class Pretrainer:
-    def __init__(self, cfg: Config, env: distributed.DistEnv):
+    def __init__(self, cfg: Config, env: distributed.DistEnv, preempt: PreemptionHandler | None = None):
         self.cfg, self.env = cfg, env
+        self.preempt = preempt if preempt is not None else PreemptionHandler(())
+        self.faults = FaultPlan.from_env(env.rank)
+        self.lock: RunDirLock | None = None
+        self.board: FailureBoard | None = None
+        self.watchdog: PeerWatchdog | None = None
+        self.control: StepControl | None = None
+        self.peer_failure: dict | None = None
         self.run_dir = cfg.resolve_path(cfg.train.run_dir).resolve()
         self.ontology = load_ontology(cfg.resolve_path(cfg.ontology.path))
         self.ckpts = CheckpointManager(self.run_dir / "checkpoints", env, cfg.train.keep_last,
@@ -62,6 +82,8 @@ class Pretrainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
+        self._lock_run_dir()
+        self._start_watchdog()
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir)
@@ -71,6 +93,9 @@ class Pretrainer:
                                                 load_universal=bool(plan and plan.universal))
         if plan is not None:
             self._restore(plan)  # last: nothing may draw from the restored RNG streams before step 1
+        self.control = StepControl(cfg.train.preempt_check_every, cfg.train.max_bad_steps, self.preempt,
+                                   first_step=self.step + 1)
+        self.control.peer_failure = self.peer_failure
         if env.is_main:
             self.metrics_file.truncate_after(self.step)
             peak_lr, min_lr = scaled_lr(cfg, env.world_size)
@@ -89,17 +114,50 @@ class Pretrainer:
             self.tracker.log_artifact(self.run_dir / DS_CONFIG_FILE, "config")
             self.tracker.log_artifact(self.run_dir / "config.resolved.yaml", "config")
 
+    def _lock_run_dir(self) -> None:
+        """Rank 0 holds the run directory for the run's life (unless our launcher holds it for us)."""
+        error = None
+        if self.env.is_main:
+            try:
+                self.lock = RunDirLock(self.run_dir).acquire()
+                if self.lock.took_over:
+                    log.warning("run directory lock %s: took over a stale lock (%s)", self.lock.path,
+                                self.lock.took_over)
+            except RunDirLocked as exc:
+                error = str(exc)
+        error = distributed.broadcast_object(error)  # all ranks stop together
+        if error:
+            raise RunDirLocked(error)
+
+    def _start_watchdog(self) -> None:
+        attempt = distributed.broadcast_object(FailureBoard.new_attempt() if self.env.is_main else None)
+        self.board = FailureBoard(self.run_dir, attempt, self.env.rank)
+        self.board.prepare(self.env.is_main)
+        self.watchdog = PeerWatchdog(self.board, self._on_peer_failure)
+        self.watchdog.start()
+
+    def _on_peer_failure(self, report: dict) -> None:  # the watchdog's thread
+        self.peer_failure = report
+        if self.control is not None:
+            self.control.peer_failure = report
+
     def _start_tracking(self, plan: ResumePlan | None) -> None:
         t = self.cfg.tracking
         self.tracker = Tracker(self.env.is_main and t.enabled, t.uri, t.experiment, t.run_name, self.run_dir)
         error = None
         try:
-            self.tracker.start(plan.meta.get("mlflow_run_id") if plan else None)
+            # MLflow may retry an unanswering server for minutes: a preemption signal must end it.
+            with self.preempt.interruptible():
+                self.tracker.start(plan.meta.get("mlflow_run_id") if plan else None)
         except TrackingError as exc:
-            error = str(exc)
+            error = ("tracking", str(exc))
+        except Preempted as exc:
+            error = ("preempted", str(exc))
         error = distributed.broadcast_object(error)  # all ranks stop together, none waits in a collective
+        if error and error[0] == "preempted":
+            raise Preempted(f"{error[1]} before the first step")
         if error:
-            raise TrackingError(error)
+            raise TrackingError(error[1])
         self.run_id = distributed.broadcast_object(self.tracker.run_id)
 
     def _restore(self, plan: ResumePlan) -> None:
@@ -121,30 +179,45 @@ class Pretrainer:
                  client["world_size"], ", universal checkpoint" if plan.universal else "")
 
     # ------------------------------------------------------------------ loop
-    def train(self, preempt: PreemptionHandler) -> int:
-        t = self.cfg.train
+    def train(self, preempt: PreemptionHandler | None = None) -> int:
+        """`preempt` replaces the handler given at construction (callers that build their own)."""
+        if preempt is not None:
+            self.preempt = self.control.preempt = preempt
+        t, control = self.cfg.train, self.control
         window = Window()
         stopped_by = None
         while self.step < t.steps:
-            result = train_step(self.components)
+            step = self.step + 1
+            self.faults.before_step(step)
+            result = train_step(self.components, nan_loss=self.faults.nan_loss(step))
             window.add(result.loss, result.mim, result.hie, result.data_wait_s)
-            self.step += 1
+            self.step = step
+            # The same decision on every rank (control.py); raises NonFiniteError at the limit.
+            detail = ""
+            if result.skipped:  # reading the loss synchronises the device: only for a skipped step
+                detail = (f"loss or gradient norm on some rank (loss here {float(result.loss):.4g}, global "
+                          f"gradient norm {self.components.engine.get_global_grad_norm()})")
+            control.record(step, result.skipped, detail)
             if self.step % t.log_every == 0 or self.step == t.steps:
                 self._log(window, result.lr)
             if self.step % t.image_every == 0:
                 with window.excluded():
                     self._log_images(result)
-            if preempt.should_stop():
-                stopped_by = preempt.requested_by
+            if control.vote(self.step).preempt:
+                stopped_by = self.preempt.requested_by
                 break
-            if self.step % t.ckpt_every == 0:
+            if self.step % t.ckpt_every == 0 and control.checkpoint_safe:
                 with window.excluded():
                     self.save()
         if self.last_saved_step != self.step:
-            self.save()
+            if control.checkpoint_safe:
+                self.save()
+            else:  # never a checkpoint right after a skipped step: the weights may be what went wrong
+                log.warning("step %d was skipped (non-finite): no checkpoint; `latest` stays at step %d",
+                            self.step, self.last_saved_step)
         if stopped_by is not None:
             log.warning("preempted (%s): checkpoint at step %d complete; exiting with %d for requeue",
-                        stopped_by, self.step, t.requeue_exit_code)
+                        stopped_by, self.last_saved_step, t.requeue_exit_code)
             self.tracker.finish("SCHEDULED")
             return t.requeue_exit_code
         log.info("training complete at step %d", self.step)
@@ -174,6 +247,7 @@ class Pretrainer:
             "epoch": c.loader.epoch,
             "loader_bad_samples": c.loader.bad_samples,
             "loader_quarantined": len(c.loader.quarantined),
+            "bad_steps": self.control.bad_total if self.control is not None else 0,
         }
         record["mfu"] = record["tflops_per_device"] / c.peak_tflops
         window.reset()
@@ -197,8 +271,25 @@ class Pretrainer:
         self.tracker.log_artifact(path, "reconstructions")
 
     def close(self) -> None:
+        """Idempotent, on every way out: loader workers stopped (bounded), watchdog and lock released."""
         if self.components is not None:
             self.components.loader.close()
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self.lock is not None:
+            self.lock.release()
+
+    def report_failure(self, exc: BaseException) -> BaseException:
+        """This rank is failing with `exc`: tell the peers (failure board), or, when a peer failed
+        first and `exc` is only the consequence (a collective with the dead rank), name that peer."""
+        if self.board is None or isinstance(exc, COLLECTIVE_ERRORS):
+            return exc
+        peers = self.board.peer_failures()
+        if peers:
+            return PeerFailed(f"rank {self.env.rank} stopping: {describe_failure(peers[0])} "
+                              f"(here: {type(exc).__name__}: {exc})")
+        self.board.report(exc)
+        return exc
 
     # ------------------------------------------------------------------ checkpoint
     def save(self) -> None:
@@ -208,7 +299,7 @@ class Pretrainer:
             format=CHECKPOINT_FORMAT, step=self.step, world_size=env.world_size,
             loader=distributed.all_gather_object(self.components.loader.state_dict()),
             rng=distributed.all_gather_object(distributed.rng_state()),
-            config=cfg.to_dict(), ontology_hash=self.ontology.hash, model=fingerprint,
+            config=redact_tree(cfg.to_dict()), ontology_hash=self.ontology.hash, model=fingerprint,
             mlflow_run_id=self.run_id,
             # Required by DeepSpeed's ds_to_universal (world-size changes); no tensor parallelism here.
             universal_checkpoint_info={})
@@ -224,15 +315,23 @@ def pretrain(cfg: Config) -> int:
     # Installed first: a preemption signal during the (slow) setup must still end in a checkpoint
     # and the requeue exit code, not in a plain death.
     preempt = PreemptionHandler(cfg.train.preempt_signals)
+    trainer = None
     try:
-        env = distributed.init_distributed(cfg.train.dist_timeout_s)
+        env = distributed.init_distributed(cfg.train.dist_timeout_s, cfg.train.device)
         setup_logging(env.rank)
-        trainer = Pretrainer(cfg, env)
+        trainer = Pretrainer(cfg, env, preempt)
         try:
             trainer.setup()
-            code = trainer.train(preempt)
-        except BaseException:
+            code = trainer.train()
+        except Preempted as exc:  # during the MLflow start: nothing trained yet, nothing to save
+            log.warning("preempted (%s): exiting with %d for requeue", exc, cfg.train.requeue_exit_code)
+            code = cfg.train.requeue_exit_code
+        except BaseException as exc:
             trainer.tracker.finish("FAILED")
+            error = trainer.report_failure(exc)
+            trainer.close()  # before the traceback is printed: the peers are already leaving
+            if error is not exc:
+                raise error from exc
             raise
         trainer.close()
         # Launchers tear the group down as soon as one rank exits non-zero (a preemption's 124):
@@ -241,4 +340,6 @@ def pretrain(cfg: Config) -> int:
         distributed.shutdown()
         return code
     finally:
+        if trainer is not None:
+            trainer.close()  # workers that ignore SIGTERM must never reach Python's exit handler
         preempt.restore()
