@@ -3,7 +3,10 @@ per session in a temp dir and shared read-only by every test that needs them."""
 from __future__ import annotations
 
 import os
+import secrets
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,12 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR",
                       str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "echocare" / "torch_extensions"))
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+# Every process a test starts inherits this mark, also those that leave our process tree (torchrun
+# and DeepSpeed put ranks in their own sessions; a killed launcher's ranks are reparented to init),
+# so the orphan check at the end of the session finds them by their environment.
+SESSION_MARK = f"ECHOCARE_TEST_SESSION={os.getpid()}-{secrets.token_hex(4)}"
+os.environ["ECHOCARE_TEST_SESSION"] = SESSION_MARK.split("=", 1)[1]
 
 
 @pytest.fixture(scope="session")
@@ -114,3 +123,47 @@ def pytest_terminal_summary(terminalreporter):
     for nodeid, kind in sorted(outcomes.items()):
         if kind != "clean":
             terminalreporter.write_line(f"  {kind}: {nodeid}")
+
+
+def session_processes() -> dict[int, str]:
+    """pid -> command line of every live process that carries this session's mark, but ourselves."""
+    mark, found = SESSION_MARK.encode(), {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if mark not in fh.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                found[int(entry)] = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+        except OSError:  # gone meanwhile, or a zombie (its environ reads empty)
+            continue
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No test may leave a process behind: wait a little for stragglers, then fail the session,
+    naming and killing what is left."""
+    deadline = time.monotonic() + float(os.environ.get("ECHOCARE_ORPHAN_GRACE_S", "15"))
+    left = session_processes()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = session_processes()
+    if not left:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"{len(left)} process(es) outlived the tests that started them (killed now):"]
+    lines += [f"  pid {pid}: {cmd}" for pid, cmd in sorted(left.items())]
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if reporter is not None:
+        reporter.write_sep("!", "orphaned processes")
+        for line in lines:
+            reporter.write_line(line)
+    else:
+        print("\n".join(lines), file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

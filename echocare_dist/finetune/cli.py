@@ -7,36 +7,33 @@ import logging
 import sys
 
 
-def _cmd_finetune(args) -> int:
+def _run(command: str, args) -> int:
+    """Run `echocare finetune|evaluate`; bad data or a bad export is exit 2 with one line."""
     from ..cli_args import config_from_args
     from ..export import ExportError
     from .data import DataError
-    from .runner import run_finetune
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(args)
     try:
-        run_finetune(cfg)
+        if command == "evaluate":
+            from .evaluate import run_evaluate
+            run_evaluate(cfg)
+        else:
+            from .runner import run_finetune
+            run_finetune(cfg)
     except (DataError, ExportError) as exc:
-        print(f"echocare finetune: error: {exc}", file=sys.stderr)
+        print(f"echocare {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _cmd_finetune(args) -> int:
+    return _run("finetune", args)
 
 
 def _cmd_evaluate(args) -> int:
-    from ..cli_args import config_from_args
-    from ..export import ExportError
-    from .data import DataError
-    from .evaluate import run_evaluate
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = config_from_args(args)
-    try:
-        run_evaluate(cfg)
-    except (DataError, ExportError) as exc:
-        print(f"echocare evaluate: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return _run("evaluate", args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -83,9 +83,8 @@ def group_samples(samples: list[Sample], similarity: float, classification: bool
     return Grouping(group_of, exact, near, conflicts)
 
 
-def assign_folds(samples: list[Sample], grouping: Grouping, folds: int, seed: int,
-                 classification: bool) -> list[int]:
-    """sample index -> fold in [0, folds); whole groups per fold, stratified by majority class."""
+def _groups_by_class(samples: list[Sample], grouping: Grouping, classification: bool):
+    """(group -> its sample indices, majority class -> its groups); one stratum without classes."""
     members: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(grouping.group_of):
         members[g].append(i)
@@ -93,6 +92,13 @@ def assign_folds(samples: list[Sample], grouping: Grouping, folds: int, seed: in
     for g, idx in members.items():
         label = Counter(samples[i].target for i in idx).most_common(1)[0][0] if classification else 0
         strata[label].append(g)
+    return members, strata
+
+
+def assign_folds(samples: list[Sample], grouping: Grouping, folds: int, seed: int,
+                 classification: bool) -> list[int]:
+    """sample index -> fold in [0, folds); whole groups per fold, stratified by majority class."""
+    members, strata = _groups_by_class(samples, grouping, classification)
     rng = random.Random(seed)
     fold_of = [0] * len(samples)
     for label in sorted(strata, key=str):
@@ -112,13 +118,7 @@ def assign_folds(samples: list[Sample], grouping: Grouping, folds: int, seed: in
 def holdout_fold(samples: list[Sample], grouping: Grouping, val_fraction: float, seed: int,
                  classification: bool) -> list[bool]:
     """sample index -> is validation, about `val_fraction` of each class, whole groups only."""
-    members: dict[int, list[int]] = defaultdict(list)
-    for i, g in enumerate(grouping.group_of):
-        members[g].append(i)
-    strata: dict[object, list[int]] = defaultdict(list)
-    for g, idx in members.items():
-        label = Counter(samples[i].target for i in idx).most_common(1)[0][0] if classification else 0
-        strata[label].append(g)
+    members, strata = _groups_by_class(samples, grouping, classification)
     rng = random.Random(seed)
     is_val = [False] * len(samples)
     for label in sorted(strata, key=str):
