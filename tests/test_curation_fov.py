@@ -15,7 +15,7 @@ from echocare_dist.config import load_config
 from echocare_dist.curation.media import to_gray
 from echocare_dist.curation.preprocess import FrameParams, Rejected, crop_content, curate_frame, phash64
 from echocare_dist.curation.neardup import max_distance
-from echocare_dist.synth.traps import TRAPS, busi_like, draw_calipers, trap_frame
+from echocare_dist.synth.traps import TRAPS, busi_cropped, busi_like, draw_calipers, trap_frame
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,32 @@ def test_busi_like_frame_keeps_the_tissue_not_the_faint_depth(params):
     # The tissue band is all kept (the earlier rule kept a strip of faint depth patches instead).
     assert box[0] <= tissue[0] + 1 and box[1] <= tissue[1] + 1 and box[2] >= tissue[2] - 1
     assert box[3] >= tissue[3] - 1
+
+
+@pytest.mark.parametrize("gap", [False, True])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_already_cropped_frame_keeps_its_dim_deep_band(seed, gap, params):
+    # Issue 13 item 2: on BUSI frames (no border) the crop dropped the dim deep band under
+    # dark_threshold (30-40 % of the height), faint tissue included.
+    img, full = busi_cropped(seed=seed, gap=gap)
+    deep = img[2 * img.shape[0] // 3:]
+    assert deep.min() >= 1 and np.median(deep) <= 12  # dim, never true black
+    out, box, discarded = crop_content(img, params)
+    assert (box[3] - box[1]) >= 0.95 * full[3] and (box[2] - box[0]) >= 0.95 * full[2], box
+    assert discarded == 0.0
+    # Nothing inside the kept box is blanked.
+    np.testing.assert_array_equal(out, img[box[1]:box[3], box[0]:box[2]])
+
+
+def test_a_real_border_is_still_cropped_when_a_dim_flat_bar_reaches_the_edge(params):
+    # A flat dim status bar along the bottom edge (signal above the floor, but no speckle) and
+    # empty border rows between it and the sector: still border, the crop stays on the sector.
+    from echocare_dist.synth.patterns import sector_frame
+
+    img, sector = sector_frame(360, 480, seed=3, border_text=True)
+    img[-10:] = 8
+    _, box, _ = crop_content(img, params)
+    assert close_to(box, sector, params.crop_margin), (box, sector)
 
 
 def test_calipers_on_and_off_crop_alike_and_are_near_duplicates(params):

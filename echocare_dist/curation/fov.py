@@ -19,7 +19,17 @@ Scanner exports put patient data, depth scales, colour bars and logos around the
    lesion at the edge) when its area reaches `component_fraction` of the main one's, else it is
    discarded;
 4. the box is the bounding box of the kept pieces grown back to their full extent in the
-   threshold mask (a sector's thin apex returns, detached overlays do not), plus `margin`.
+   threshold mask (a sector's thin apex returns, detached overlays do not), plus `margin`;
+5. a dim band beside the box that is still image is kept (`_faint_extension`): background is
+   decided by the absence of signal, not by the gray level alone. Each border line (row or
+   column) beyond the box counts as signal when over FAINT_LINE of it lies above the frame's
+   noise floor (1st percentile of the median-blurred frame) + FAINT_DELTA. The box grows over
+   the lines of signal adjacent to it, and to the frame's edge when the outermost lines there
+   carry faint speckle (over EDGE_LINE of each line, not flat): an image already cropped to its
+   field of view (BUSI: a dark deep band of faint speckle, pectoral muscle, rib shadows, under
+   `dark_threshold`) has no border on that side, so what lies between is inside the FOV. A
+   scanner's border is empty (flat at the floor, or thin text strokes and flat graphics), so
+   sector frames keep their crop.
 
 It fails (reason `crop_failed`) rather than return a wrong region: nothing textured (a flat
 graphic, a mask, a blank band: there is no size-only fallback), textured content under
@@ -39,6 +49,11 @@ MIN_CV = 0.1        # graphics with noise on them stay near one level (std/mean 
 MIN_2D = 0.02       # ramps, scale bars: ~0.0005 of their variance within rows or columns; BUSI tissue >= 0.1
 BIG_PIECE = 0.02     # textured pieces under this share of the largest one are fragments (ignored)
 MERGE_DISTANCE = 0.15  # textured pieces closer than this share of the short side belong together
+FAINT_DELTA = 2      # faint signal: median-blurred level above the frame's noise floor (1st percentile) + this
+FAINT_LINE = 0.3     # a border line (row/column) holding faint signal over this share continues the FOV
+EDGE_LINE = 0.6      # the frame's outermost lines holding faint speckle over this share: no border on that side
+EDGE_DEPTH = 0.02    # ... over this share of the frame's size (at least 2 lines)
+MIN_SPECKLE = 0.5    # faint speckle: mean |level - 3x3 median| of the band (flat bars, labels: ~0)
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,21 @@ def _piece_stats(gray: np.ndarray, cores: np.ndarray, labels: np.ndarray, n: int
     return dev_sum / np.maximum(level_sum, 1.0), flat_px / count, cv, two_d
 
 
+def _faint_extension(signal: np.ndarray, dev: np.ndarray, size: int) -> int:
+    """Lines to add beyond one side of the box. `signal` (faint-signal mask) and `dev` (|level -
+    3x3 median|) hold the strip from the box outwards: line 0 next to the box, the last line at
+    the frame's edge; `size` is the frame's extent across those lines."""
+    n = signal.shape[0]
+    if n == 0 or signal.shape[1] == 0:
+        return 0
+    share = signal.mean(axis=1)
+    edge = min(n, max(2, int(round(EDGE_DEPTH * size))))
+    if (share[-edge:] >= EDGE_LINE).all() and dev[-edge:].mean() >= MIN_SPECKLE:
+        return n   # the image runs to the frame's edge: no border on this side
+    # Otherwise the lines of faint signal adjacent to the box (up to the first empty one).
+    return int(np.argmin(np.append(share >= FAINT_LINE, False)))
+
+
 def detect_fov(gray: np.ndarray, p: FovParams) -> FieldOfView:
     h, w = gray.shape
     short = min(h, w)
@@ -161,6 +191,24 @@ def detect_fov(gray: np.ndarray, p: FovParams) -> FieldOfView:
     fg_kept[0] = False
     region = fg_kept.astype(np.uint8)[fg_labels]
     x, y, bw, bh = cv2.boundingRect(region)
+    # A dim band beside the box that is still image (step 5): grow the box (and the region, so
+    # that blanking keeps it) over it.
+    floor = float(np.percentile(smooth, 1))
+    faint = (smooth > floor + FAINT_DELTA).astype(np.float32)
+    dev = cv2.absdiff(gray, cv2.medianBlur(gray, 3)).astype(np.float32)
+    x1, y1 = x + bw, y + bh
+    down = _faint_extension(faint[y1:, x:x1], dev[y1:, x:x1], h)
+    up = _faint_extension(faint[:y][::-1, x:x1], dev[:y][::-1, x:x1], h)
+    ny0, ny1 = y - up, y1 + down
+    right = _faint_extension(faint[ny0:ny1, x1:].T, dev[ny0:ny1, x1:].T, w)
+    left = _faint_extension(faint[ny0:ny1, :x][:, ::-1].T, dev[ny0:ny1, :x][:, ::-1].T, w)
+    if up or down or left or right:
+        region = region.copy()
+        region[ny0:y, x:x1] = 1
+        region[y1:ny1, x:x1] = 1
+        region[ny0:ny1, x - left:x] = 1
+        region[ny0:ny1, x1:x1 + right] = 1
+        x, y, bw, bh = x - left, ny0, bw + left + right, ny1 - ny0
     m = p.margin
     box = (max(0, x - m), max(0, y - m), min(w, x + bw + m), min(h, y + bh + m))
     inside = np.zeros((h, w), bool)

@@ -12,6 +12,8 @@
                  red-blue velocity bar beside it (the builder converts to gray).
 `busi_like(seed)` is a smooth (JPEG-softened) linear frame whose deep part is dark with faint
 noise, the texture of the BUSI collection: low speckle contrast, no border at all.
+`busi_cropped(seed, gap)` is a frame already cropped to its field of view whose lower third is
+dim speckle under the dark threshold (optionally behind a flat shadow band): nothing to crop.
 """
 from __future__ import annotations
 
@@ -125,3 +127,23 @@ def busi_like(seed: int = 0, h: int = 420, w: int = 520) -> tuple[np.ndarray, tu
     img = np.clip(img + rng.normal(0, 1.5, img.shape), 0, 255).astype(np.uint8)
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
     return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE), (0, 0, w, depth)
+
+
+def busi_cropped(seed: int = 0, h: int = 300, w: int = 360, gap: bool = False) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A BUSI frame already cropped to its field of view: tissue in the upper two thirds, the
+    lower third dim speckle (gray ~3-15, under the dark threshold) running to the frame's bottom
+    edge, nowhere true black. With `gap`, a near-flat shadow band at the black level (1) lies
+    between the tissue and the dim speckle (as in many BUSI frames). A crop must keep it all:
+    returns (image, the whole frame as the box)."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w), np.float32)
+    depth = int(2 * h / 3)
+    img[:depth] = _tissue(rng, (depth, w), 55.0, blur=1.2) + 25
+    deep = _tissue(rng, (h - depth, w), 4.0) + 3
+    img[depth:] = np.clip(deep, 3, 15)
+    if gap:
+        g0, g1 = depth, depth + (h - depth) // 3
+        img[g0:g1] = 1 + (rng.random((g1 - g0, w)) < 0.01) * rng.uniform(2, 8, (g1 - g0, w))
+    img = np.clip(img, 1, 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return np.maximum(cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE), 1), (0, 0, w, h)
