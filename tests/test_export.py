@@ -264,5 +264,10 @@ def test_two_rank_zero3_checkpoint_exports_identically(tmp_path):
 
     tag_dir = run / "checkpoints" / "step_00000002"
     next(tag_dir.glob("zero_pp_rank_1_*optim_states.pt")).unlink()
-    with pytest.raises(ExportError, match=r"missing \[1\]"):
+    # The completion marker lists every file: its check names the missing one first ...
+    with pytest.raises(ExportError, match=r"zero_pp_rank_1_mp_rank_00_optim_states\.pt: No such file"):
         export_checkpoint(run, tmp_path / "export2", progress=False)
+    # ... and without the marker, the per-rank inventory still names the missing rank.
+    (tag_dir / "meta.json").unlink()
+    with pytest.raises(ExportError, match=r"missing \[1\]"):
+        export_checkpoint(run, tmp_path / "export3", progress=False, require_marker=False)

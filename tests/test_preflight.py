@@ -288,6 +288,8 @@ def test_every_rank_under_torchrun_stops_at_the_preflight(tmp_path):
     start = time.monotonic()
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and time.monotonic() - start < 120, result.stderr
-    assert result.stderr.count("echocare pretrain: error: pre-flight failed (1 problem)") == 2, result.stderr
+    # torchrun SIGTERMs the other rank as soon as one exits, so the second message may never be printed.
+    assert result.stderr.count("echocare pretrain: error: pre-flight failed (1 problem)") >= 1, result.stderr
+    assert f'File "{REPO / "echocare_dist"}' not in result.stderr, "a rank died with a traceback: " + result.stderr
     assert "accelerator" not in result.stdout + result.stderr, "DeepSpeed must not even be imported"
     assert not (tmp_path / "run").exists()
