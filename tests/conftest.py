@@ -125,6 +125,9 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"  {kind}: {nodeid}")
 
 
+_SESSION_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
 def session_processes() -> dict[int, str]:
     """pid -> command line of every live process that carries this session's mark, but ourselves."""
     mark, found = SESSION_MARK.encode(), {}
@@ -136,9 +139,14 @@ def session_processes() -> dict[int, str]:
                 if mark not in fh.read().split(b"\0"):
                     continue
             with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                found[int(entry)] = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
-        except OSError:  # gone meanwhile, or a zombie (its environ reads empty)
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or a zombie (its environ reads empty)
             continue
+        if ppid == os.getpid() and any(helper in cmd for helper in _SESSION_HELPERS):
+            continue  # multiprocessing's own helpers of this pytest process: they end when it ends
+        found[int(entry)] = cmd[:200]
     return found
 
 

@@ -40,3 +40,17 @@ def test_waits_for_its_child():
 """)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "outlived" not in out.stdout
+
+
+def test_multiprocessing_helpers_of_the_session_are_not_orphans(tmp_path):
+    """A process pool in the pytest process starts multiprocessing's resource tracker, which lives
+    until pytest exits: it belongs to the session, not to a test."""
+    out = _run_inner(tmp_path, """
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+def test_uses_a_spawned_pool():
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        assert pool.submit(abs, -3).result() == 3
+""")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "outlived" not in out.stdout
