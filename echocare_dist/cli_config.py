@@ -1,4 +1,4 @@
-"""`echocare config show|validate` and `echocare config ontology`: inspect what a run will use."""
+"""`echocare config show|presets|ontology`: inspect what a run will use."""
 from __future__ import annotations
 
 import sys
@@ -12,6 +12,14 @@ def _show(args) -> int:
     from .redact import redact_tree
     cfg = config_from_args(args)
     yaml.safe_dump(redact_tree(cfg.to_dict()), sys.stdout, sort_keys=False)
+    return 0
+
+
+def _presets(args) -> int:
+    from .config import CONFIG_DIR, preset_names
+    for name in preset_names():
+        print(name)
+    print(f"(in {CONFIG_DIR}; `--config NAME` or `--config path/to/your.yaml`)", file=sys.stderr)
     return 0
 
 
@@ -40,6 +48,8 @@ def register(sub) -> None:
     show = csub.add_parser("show", help="print the resolved config (after --set overrides) and validate it")
     add_config_args(show)
     show.set_defaults(func=_show)
+    presets = csub.add_parser("presets", help="list the presets shipped with the package")
+    presets.set_defaults(func=_presets)
     onto = csub.add_parser("ontology", help="summarize the ontology of a config")
     add_config_args(onto)
     onto.add_argument("--tree", action="store_true", help="print the whole tree")

@@ -2,7 +2,8 @@
 
 The public face of the config: import everything config-related from here. The sections (one
 dataclass per component, each validating itself) live in `config_sections`, the typed
-dict <-> dataclass conversion in `config_coerce`, the repository paths in `paths`.
+dict <-> dataclass conversion and the typed reading of `--set` text in `config_coerce`, the
+packaged presets and the rule for relative paths in `paths` (docs/configuration.md).
 `load_config` refuses unknown keys and wrong types with the full dotted key in the message,
 then `Config.validate` checks every section and the constraints between sections before any
 work starts.
@@ -20,15 +21,15 @@ from typing import Any
 import yaml
 
 from .atomic import atomic_write_text
-from .config_coerce import from_dict, to_plain
+from .config_coerce import field_type, from_dict, parse_text, to_plain
 from .config_sections import (AugmentConfig, ConfigError, CurationConfig, DataConfig, FinetuneConfig, LossConfig,
                               MaskConfig, ModelConfig, OntologyConfig, OptimConfig, SynthConfig, TrackingConfig,
                               TrainConfig, require)
-from .paths import CONFIG_DIR, REPO_ROOT, resolve_path
+from .paths import CONFIG_DIR, FILE_RELATIVE_KEYS, REPO_ROOT, relative_to_file, resolve_path
 
 __all__ = [
     "Config", "ConfigError", "load_config", "config_from_dict", "validate", "save_resolved", "find_preset",
-    "apply_overrides", "parse_override", "REPO_ROOT", "CONFIG_DIR",
+    "apply_overrides", "parse_override", "preset_names", "REPO_ROOT", "CONFIG_DIR",
     "OntologyConfig", "CurationConfig", "SynthConfig", "MaskConfig", "AugmentConfig", "DataConfig", "ModelConfig",
     "LossConfig", "OptimConfig", "TrainConfig", "TrackingConfig", "FinetuneConfig",
 ]
@@ -59,7 +60,8 @@ class Config:
         return to_plain(dataclasses.asdict(self))
 
     def resolve_path(self, p: str) -> Path:
-        """Relative paths in configs are relative to the repository root (where configs/ lives)."""
+        """A path of this config: relative ones are relative to the working directory (paths.py;
+        the FILE_RELATIVE_KEYS of a config file were already made absolute when it was read)."""
         return resolve_path(p)
 
     def validate(self) -> "Config":
@@ -114,6 +116,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    _anchor_file_relative_keys(data, path)
     base = data.pop("base", None)
     if base:
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
@@ -121,36 +124,50 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     return data
 
 
+def _anchor_file_relative_keys(data: dict, path: Path) -> None:
+    """FILE_RELATIVE_KEYS written in the config file `path` become absolute against its folder."""
+    for key in FILE_RELATIVE_KEYS:
+        *sections, leaf = key.split(".")
+        node = data
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf]:
+            node[leaf] = relative_to_file(node[leaf], path)
+
+
+def preset_names() -> list[str]:
+    """The presets shipped in the package (configs/*.yaml), by name."""
+    return sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+
+
 def find_preset(name_or_path: str) -> Path:
     """A path, or the name of a preset in configs/ (with or without .yaml)."""
-    p = Path(name_or_path)
+    p = Path(name_or_path).expanduser()
     if p.exists():
         return p.resolve()
     for cand in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
         if cand.exists():
             return cand.resolve()
-    presets = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"config {name_or_path!r} is neither a file nor a preset; presets: {presets}")
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a preset; presets: {preset_names()}")
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
+def parse_override(item: str, schema: type | None = None) -> tuple[list[str], Any]:
+    """`key.sub=text` -> (["key", "sub"], value), the text read with the type of the field it sets
+    in `schema` (default: Config): strings stay strings, lists are element-checked."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.sub=value")
     key, raw = item.split("=", 1)
     key = key.strip()
-    if not key:
+    if not key or "" in key.split("."):
         raise ConfigError(f"override {item!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+    parts = key.split(".")
+    return parts, parse_text(raw, field_type(schema or Config, parts), key)
 
 
-def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+def apply_overrides(data: dict, overrides: list[str] | None, schema: type | None = None) -> dict:
     data = _merge({}, data)
     for item in overrides or []:
-        parts, value = parse_override(item)
+        parts, value = parse_override(item, schema)
         node = data
         for part in parts[:-1]:
             nxt = node.get(part)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from .models.archs import UnknownArchError, swin_layout
+from .paths import DEFAULT_ONTOLOGY
 
 
 class ConfigError(ValueError):
@@ -41,7 +42,7 @@ def parse_device(value, key: str, *, allow_index: bool = True) -> str:
 
 @dataclass
 class OntologyConfig:
-    path: str = "configs/ontology/default.yaml"
+    path: str = str(DEFAULT_ONTOLOGY)  # the packaged one; in a config file, relative to that file
 
     def validate(self, prefix: str = "ontology") -> None:
         """Nothing to check here: load_ontology reads the file and names what is wrong in it."""
@@ -75,6 +76,15 @@ class CurationConfig:
     seed: int = 0
     chunk_files: int = 64             # files per staged work unit (the granularity of resume after a crash)
     staging_dir: str = ""             # where decoded JPEGs are spilled before sharding; "" = {out}/.staging
+    # Share of each source's samples held out (group-aware: frames of a file and near-duplicates
+    # stay together) as the validation shard set {out}/val/ (curation/valsplit.py); 0 = none.
+    val_fraction: float = 0.0
+    # De-identification (docs/deid.md): sample keys and stored paths become salted hashes, the
+    # originals go only to the restricted path map; false = already-public data (or per source:
+    # `deid: false` in the mapping).
+    deid: bool = True
+    deid_map: str = ""                # the restricted path map (salt + originals); "" = {out}.paths.json beside {out}
+    burned_in_text: Literal["off", "flag", "blank"] = "flag"  # text found inside the kept region: audit / zero it
 
     def validate(self, prefix: str = "curation") -> None:
         require(self.frame_stride >= 1, f"{prefix}.frame_stride must be >= 1, got {self.frame_stride}")
@@ -103,6 +113,9 @@ class CurationConfig:
                 f"{prefix}.crop_min_content must be in [0, 1), got {self.crop_min_content}")
         require(all(isinstance(p, str) and p for p in self.mask_name_patterns),
                 f"{prefix}.mask_name_patterns must be non-empty glob strings, got {list(self.mask_name_patterns)}")
+        require(0.0 <= self.val_fraction <= 0.5, f"{prefix}.val_fraction must be in [0, 0.5], got {self.val_fraction}")
+        require(self.burned_in_text in ("off", "flag", "blank"),
+                f"{prefix}.burned_in_text must be off, flag or blank, got {self.burned_in_text!r}")
 
 
 @dataclass
@@ -140,22 +153,43 @@ class SynthConfig:
             require(0.0 <= getattr(self, k) <= 0.5, f"{prefix}.{k} must be in [0, 0.5], got {getattr(self, k)}")
 
 
+MASK_STRATEGIES = ("random", "hpm")
+
+
 @dataclass
 class MaskConfig:
     mask_patch_size: int = 32
     mask_ratio: float = 0.5
+    # random: SimMIM's masks. hpm: hard patch mining (docs/hpm.md): a loss predictor ranks the mask
+    # units and a growing share of the masked ones are the hardest (same mask ratio).
+    strategy: Literal["random", "hpm"] = "random"
+    hpm_ratio: float = 0.5            # final share of the masked units chosen by predicted difficulty
+    hpm_warmup_steps: Optional[int] = None   # linear ramp 0 -> hpm_ratio over this many steps; None = train.steps
+    hpm_loss_weight: float = 1.0      # weight of the predictor's ranking loss in L_PRE
 
     def validate(self, prefix: str = "mask") -> None:
         require(self.mask_patch_size > 0, f"{prefix}.mask_patch_size must be positive, got {self.mask_patch_size}")
         require(0.0 <= self.mask_ratio <= 1.0, f"{prefix}.mask_ratio must be in [0, 1], got {self.mask_ratio}")
+        require(self.strategy in MASK_STRATEGIES,
+                f"{prefix}.strategy must be one of {', '.join(MASK_STRATEGIES)}, got {self.strategy!r}")
+        require(0.0 <= self.hpm_ratio <= 1.0, f"{prefix}.hpm_ratio must be in [0, 1], got {self.hpm_ratio}")
+        require(self.hpm_warmup_steps is None or self.hpm_warmup_steps >= 0,
+                f"{prefix}.hpm_warmup_steps must be >= 0 (or null = train.steps), got {self.hpm_warmup_steps}")
+        require(self.hpm_loss_weight >= 0, f"{prefix}.hpm_loss_weight must be >= 0, got {self.hpm_loss_weight}")
+        if self.strategy == "hpm":
+            size = self.mask_patch_size
+            # The fused loss writes per-unit sums by reshaping a tile into whole units.
+            require(size & (size - 1) == 0,
+                    f"{prefix}.mask_patch_size={size} must be a power of two with {prefix}.strategy=hpm")
+            require(self.mask_ratio > 0, f"{prefix}.strategy=hpm needs {prefix}.mask_ratio > 0 (nothing to mine)")
 
 
 @dataclass
 class AugmentConfig:
     """SPEC 5; identical semantics on the DALI and the fallback path."""
     rrc_prob: float = 0.5
-    rrc_scale: tuple = (0.67, 1.0)
-    rrc_ratio: tuple = (0.75, 1.3333333)
+    rrc_scale: tuple[float, float] = (0.67, 1.0)
+    rrc_ratio: tuple[float, float] = (0.75, 1.3333333)
     hflip_prob: float = 0.5
     vflip_prob: float = 0.5
     jitter_prob: float = 0.2
@@ -194,9 +228,18 @@ class DataConfig:
     # read per sample); the DALI reader leaves it to `echocare shards verify`. Shards built before
     # the checksum existed fail it: rebuild them (a rerun of `shards build` restages them).
     verify_samples: bool = False
+    # The validation shard set (train.val_every): "" = {shards}/val when the build held one out
+    # (curation.val_fraction), "none" = no validation, else a shard directory of its own.
+    val_shards: str = ""
+    # Per-source mixture of each epoch (docs/data.md): {source: weight} (every source of the shards,
+    # 0 leaves one out), or source_alpha: weights proportional to source size^alpha (1 = as stored,
+    # 0 = sources alike). At most one of the two; none = every sample once per epoch.
+    source_weights: Optional[dict] = None
+    source_alpha: Optional[float] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, prefix: str = "data") -> None:
+        self._validate_mixture(prefix)
         # No index: DALI decodes on the rank's own training GPU.
         parse_device(self.device, f"{prefix}.device", allow_index=False)
         require(self.num_threads >= 0,
@@ -209,6 +252,23 @@ class DataConfig:
                 f"{prefix}.max_quarantine_fraction must be in [0, 1], got {self.max_quarantine_fraction}")
         self.augment.validate(f"{prefix}.augment")
 
+    def _validate_mixture(self, prefix: str) -> None:
+        require(self.source_weights is None or self.source_alpha is None,
+                f"{prefix}.source_weights and {prefix}.source_alpha are exclusive: set one of them")
+        if self.source_alpha is not None:
+            a = self.source_alpha
+            require(isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 <= a <= 4.0,
+                    f"{prefix}.source_alpha must be a number in [0, 4], got {a!r}")
+        if self.source_weights is None:
+            return
+        w = self.source_weights
+        require(isinstance(w, dict) and bool(w),
+                f"{prefix}.source_weights must be a mapping source -> weight, got {w!r}")
+        for name, value in w.items():
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < float("inf")
+            require(ok, f"{prefix}.source_weights.{name} must be a finite number >= 0, got {value!r}")
+        require(any(v > 0 for v in w.values()), f"{prefix}.source_weights gives every source weight 0")
+
 
 @dataclass
 class ModelConfig:
@@ -218,8 +278,8 @@ class ModelConfig:
     window_size: int = 8
     in_chans: int = 1
     embed_dim: Optional[int] = None    # override timm's value (tiny test models)
-    depths: Optional[tuple] = None
-    num_heads: Optional[tuple] = None
+    depths: Optional[tuple[int, ...]] = None
+    num_heads: Optional[tuple[int, ...]] = None
     drop_path_rate: float = 0.1
     grad_checkpointing: bool = False
     fused_attn: bool = True            # window attention through torch SDPA (timm's default for Swin is the explicit softmax)
@@ -277,7 +337,7 @@ class OptimConfig:
     lr: float = 1e-4                   # peak LR at `lr_batch_ref`
     lr_batch_ref: int = 256            # LR scales linearly with global batch / this
     min_lr: float = 1e-6
-    betas: tuple = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.05
     warmup_steps: int = 10000
@@ -312,7 +372,7 @@ class TrainConfig:
     keep_last: int = 3
     image_every: int = 5000
     resume: str = "auto"               # "auto" | "none" | path to a checkpoint dir
-    preempt_signals: tuple = ("SIGTERM", "SIGUSR1")
+    preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
     requeue_exit_code: int = 124       # documented: trainer exits with this after a preemption checkpoint
     # Step-control vote (train/control.py: preemption, peer failure, non-finite flags) every N steps;
     # 10 keeps a SIGTERM's checkpoint far inside Slurm's 600 s signal lead (reasoning in control.py).
@@ -328,6 +388,14 @@ class TrainConfig:
     prefetch_bucket_size: int = 0      # ZeRO-3 parameter prefetch; 0 = reduce_bucket_size
     peak_tflops: float = 0.0           # per device for MFU; 0 = GPU spec table, or measured on CPU
     universal_workers: int = 2         # processes for the world-size-change checkpoint conversion
+    # Validation (train/validation.py, docs/validation.md) every N steps on data.val_shards; 0 = off.
+    # A validation step is also a log step: its figures join that step's metrics.jsonl record.
+    val_every: int = 1000
+    val_samples: int = 1024            # the fixed validation subset (all of a smaller val set)
+    val_batch: int = 0                 # per rank; 0 = micro_batch
+    val_seed: int = 0                  # the subset and its masks; independent of every training stream
+    val_knn_k: int = 10                # neighbours of the k-NN probe (never from the query's own group)
+    val_patience: int = 5              # warn after this many validations without a new best loss; 0 = never
 
     def validate(self, prefix: str = "train") -> None:
         require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage must be 0..3, got {self.zero_stage}")
@@ -350,6 +418,10 @@ class TrainConfig:
             require(getattr(self, k) >= 0, f"{prefix}.{k} must be >= 0 (0 = derived), got {getattr(self, k)}")
         require(self.universal_workers >= 1,
                 f"{prefix}.universal_workers must be >= 1, got {self.universal_workers}")
+        for k in ("val_every", "val_batch", "val_patience"):
+            require(getattr(self, k) >= 0, f"{prefix}.{k} must be >= 0, got {getattr(self, k)}")
+        for k in ("val_samples", "val_knn_k"):
+            require(getattr(self, k) >= 1, f"{prefix}.{k} must be >= 1, got {getattr(self, k)}")
 
 
 @dataclass
@@ -357,17 +429,21 @@ class TrackingConfig:
     enabled: bool = True
     uri: str = ""                      # empty -> $MLFLOW_TRACKING_URI, else sqlite under run_dir
     experiment: str = "echocare-pretrain"
-    run_name: str = ""
+    run_name: str = ""                 # empty -> the run directory's name
     image_rows: int = 4                # images per reconstruction grid (input/masked/recon/target)
+    system_metrics_interval: float = 10.0  # seconds between CPU/memory/GPU samples; 0 = off (docs/tracking.md)
 
     def validate(self, prefix: str = "tracking") -> None:
         require(self.image_rows >= 1, f"{prefix}.image_rows must be >= 1, got {self.image_rows}")
+        require(self.system_metrics_interval >= 0,
+                f"{prefix}.system_metrics_interval must be >= 0 (0 = off), got {self.system_metrics_interval}")
 
 
 @dataclass
 class FinetuneConfig:
     """Downstream fine-tuning of an exported encoder (SPEC 7; docs in echocare_dist/finetune)."""
-    task: Literal["classification", "segmentation", "regression"] = "classification"
+    task: Literal["classification", "segmentation", "regression", "landmarks", "detection",
+                  "enhancement"] = "classification"  # the last three: finetune/tasks/, docs/finetune.md
     data: str = ""                     # folder: class sub-folders | images/ + masks/; base of CSV paths
     csv: str = ""                      # CSV with a header: path,label | path,mask | path,value
     split_file: str = ""               # CSV path,split (train/val; other values ignored); "" = seeded split
@@ -401,9 +477,11 @@ class FinetuneConfig:
     empty_masks: Literal["keep", "skip"] = "keep"  # all-background masks: keep (normal cases) or skip; counted
     skip_mask_like: bool = True        # classification: leave mask files (curation rule) out of class folders
     bootstrap: int = 1000              # resamples for the 95% CIs of the final metrics; 0 = off
-    seg_decoder_dim: int = 64          # width of the segmentation decoder
+    seg_decoder_dim: int = 64          # width of the segmentation / landmark / detection decoder
     dice_loss_weight: float = 1.0      # segmentation loss = CE + w * soft Dice
     nsd_tolerance: float = 2.0         # NSD tolerance in pixels of the original mask
+    heatmap_sigma: float = 2.0         # landmarks: Gaussian target width, pixels at img_size
+    max_detections: int = 20           # detection: boxes kept per image (CenterNet peaks)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     num_workers: int = 0
     seed: int = 0
@@ -443,5 +521,7 @@ class FinetuneConfig:
         require(self.dice_loss_weight >= 0,
                 f"{prefix}.dice_loss_weight must be >= 0, got {self.dice_loss_weight}")
         require(self.nsd_tolerance >= 0, f"{prefix}.nsd_tolerance must be >= 0, got {self.nsd_tolerance}")
+        require(self.heatmap_sigma > 0, f"{prefix}.heatmap_sigma must be positive, got {self.heatmap_sigma}")
+        require(self.max_detections >= 1, f"{prefix}.max_detections must be >= 1, got {self.max_detections}")
         require(self.num_workers >= 0, f"{prefix}.num_workers must be >= 0, got {self.num_workers}")
         parse_device(self.device, f"{prefix}.device")

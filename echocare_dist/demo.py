@@ -7,7 +7,10 @@ The figures are a smoke test of the chain on a few hundred synthetic images, not
 
 Every stage runs as the very `echocare ...` command a user would type (printed before it
 runs), so the demo doubles as a walkthrough. No GPU, server or download is needed: the data is
-synthetic (echocare_dist.synth) and MLflow tracks into SQLite under the output directory.
+synthetic (echocare_dist.synth) and every stage (pretraining, export, evaluation, fine-tuning)
+tracks into ONE MLflow store, OUT/mlflow.db (artifacts in OUT/mlartifacts): one `mlflow ui
+--backend-store-uri sqlite:///OUT/mlflow.db` shows the whole chain, the fine-tuning runs tagged
+with the pretraining run they started from.
 Re-running continues where it stopped: finished stages are detected and skipped.
 """
 from __future__ import annotations
@@ -23,6 +26,11 @@ from pathlib import Path
 
 class DemoError(RuntimeError):
     pass
+
+
+def tracking_store(out: Path) -> str:
+    """The demo's one MLflow store (tracking.py keeps its artifacts in OUT/mlartifacts)."""
+    return f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
 
 
 def _run(step: str, argv: list[str], log: Path) -> float:
@@ -58,7 +66,12 @@ def run_demo(args) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "demo.log"
-    cfg_args = ["--config", args.config] + [x for item in args.overrides for x in ("--set", item)]
+    # The shared store comes before the user's --set, so an explicit tracking.uri still wins.
+    store = ["--set", f"tracking.uri={tracking_store(out)}"]
+    # A validation hold-out at build time and its curves during pretraining (docs/validation.md);
+    # before the user's --set, which still wins.
+    validation = ["--set", "curation.val_fraction=0.15", "--set", "train.val_every=10"]
+    cfg_args = ["--config", args.config, *store, *validation] + [x for item in args.overrides for x in ("--set", item)]
     synth, shards, run_dir = out / "synthetic data", out / "shards", out / "pretrain"
     export, ft_cls, ft_seg = out / "export", out / "finetune-classification", out / "finetune-segmentation"
     times: dict[str, float] = {}
@@ -112,14 +125,18 @@ def _summary(out: Path, times: dict, shards: Path, run_dir: Path | None = None, 
         ckpt = run_dir / "checkpoints"
         latest = (ckpt / "latest").read_text().strip() if (ckpt / "latest").exists() else "none"
         metrics = run_dir / "metrics.jsonl"
-        losses = []
+        losses, val_losses = [], []
         if metrics.exists():
             for line in metrics.read_text().splitlines():
                 rec = json.loads(line)
                 if "loss" in rec:
                     losses.append(rec["loss"])
+                if "val/loss" in rec:
+                    val_losses.append(rec["val/loss"])
         trend = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if len(losses) >= 2 else "no loss logged"
-        lines += [f"pretrain    {run_dir}  (latest checkpoint {latest}; {trend}; MLflow: {run_dir / 'mlflow.db'})"]
+        if len(val_losses) >= 2:
+            trend += f"; validation loss {val_losses[0]:.4f} -> {val_losses[-1]:.4f}"
+        lines += [f"pretrain    {run_dir}  (latest checkpoint {latest}; {trend})"]
     if export is not None:
         meta = json.loads((export / "encoder.json").read_text())
         src = meta.get("source", {})
@@ -131,7 +148,8 @@ def _summary(out: Path, times: dict, shards: Path, run_dir: Path | None = None, 
         best = summary.get("best") or {}
         shown = ", ".join(f"{k[4:]} {v:.3f}" for k, v in best.items() if k.startswith("val_") and k != "val_loss")
         lines += [f"finetune    {ft}  ({summary.get('task')}, best epoch {summary.get('best_epoch')}: {shown})"]
-    lines += ["timings     " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()), "=" * 72]
+    lines += [f"MLflow      mlflow ui --backend-store-uri {tracking_store(out)}  (every stage, one store)",
+              "timings     " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()), "=" * 72]
     if evaluation is not None and evaluation.exists():
         lines += ["", evaluation.read_text().rstrip(),
                   "SMOKE TEST: a tiny model pretrained for a few steps on a few hundred synthetic images. These "
@@ -143,10 +161,11 @@ def _summary(out: Path, times: dict, shards: Path, run_dir: Path | None = None, 
 
 
 def register(sub) -> None:
-    from .cli_args import add_config_args
+    from .cli_args import add_config_args, add_progress_arg
     p = sub.add_parser("demo", help="run the whole chain on synthetic data (the README's main job)",
                        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     add_config_args(p)
+    add_progress_arg(p)  # the stages run as subprocesses: $ECHOCARE_PROGRESS carries it to them
     p.add_argument("--out", default="runs/demo", help="output directory (default: %(default)s)")
     p.add_argument("--nproc", type=int, default=2, help="local pretraining ranks (default: %(default)s)")
     p.add_argument("--stop-after", choices=("shards", "export", "all"), default="all",

@@ -8,13 +8,13 @@ module in `mp_rank_00_model_states.pt`.
 Output directory:
   encoder.safetensors  keys exactly as the timm SwinTransformer's state_dict (num_classes=0)
   heads.safetensors    optional (--with-heads): decoder.*, hie_head.*, mask_token
-  encoder.json         architecture, normalisation, ontology, provenance, SHA-256 of each file
+  encoder.json         architecture, normalisation, ontology, provenance (incl. the pretraining
+                       MLflow run id), SHA-256 of each file
+  config.json + model.safetensors + README.md: timm's own layout and a model card (export_timm.py)
 
-Loading, anywhere:
-  timm.create_model(arch, pretrained=True, num_classes=0, img_size=.., patch_size=..,
-                    window_size=.., in_chans=1, embed_dim=.., depths=.., num_heads=..,
-                    pretrained_cfg_overlay=dict(file=".../encoder.safetensors"))
-or `load_encoder(".../encoder.safetensors")` (reads encoder.json, verifies the hash).
+Loading, anywhere: `timm.create_model("local-dir:OUT", pretrained=True)` (no other argument; the
+data config comes along), or `load_encoder(".../encoder.safetensors")` (reads encoder.json,
+verifies the hash). The export is logged to the pretraining run's MLflow run (export_tracking.py).
 
 Refused, with the reason: no `latest` (and no --tag), a tag directory without the trainer's
 completion marker or with missing rank files, a file whose SHA-256 differs from the one the
@@ -36,14 +36,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .export_checks import check_shapes, ontology_info, reference_state_dict, run_config
 from .export_load import (ENCODER_FILE, HEADS_FILE, META_FILE, ExportError, check_export_meta,  # noqa: F401
                           load_encoder, read_export_meta, timm_kwargs)  # (re-exported: the public API)
+from .export_timm import DEFAULT_LICENSE, push_to_hub, write_timm_layout
 from .safe_load import check_pickle, torch_load_safe
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ENCODER_PREFIX = "encoder."
+TRAINING_ONLY_PREFIX = "loss_predictor."   # never exported, not even with --with-heads
 # Prefixes a wrapper may add in front of the model's own names (DDP, torch.compile).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -176,7 +179,8 @@ def inspect_checkpoint(ref: CheckpointRef, require_marker: bool = True) -> Check
 def consolidated_state_dict(ref: CheckpointRef, info: CheckpointInfo, progress: bool = True) -> dict:
     """fp32 weights of the whole model, on the CPU, with the model's own parameter names."""
     import torch
-    from tqdm import tqdm
+
+    from .progress import progress_bar
 
     if info.zero_stage == 0:
         tensors = dict(info.rank0_states["module"])
@@ -196,7 +200,7 @@ def consolidated_state_dict(ref: CheckpointRef, info: CheckpointInfo, progress: 
         except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
             raise ExportError(f"DeepSpeed could not consolidate {ref.tag_dir}: {exc}") from exc
     out = {}
-    for name, tensor in tqdm(tensors.items(), desc="consolidating", unit="tensor", disable=not progress):
+    for name, tensor in progress_bar(tensors.items(), desc="consolidating", unit="tensor", enabled=progress):
         for prefix in _WRAPPER_PREFIXES:
             if name.startswith(prefix):
                 name = name[len(prefix):]
@@ -205,78 +209,6 @@ def consolidated_state_dict(ref: CheckpointRef, info: CheckpointInfo, progress: 
     if not out:
         raise ExportError(f"{ref.tag_dir}: the checkpoint holds no weights")
     return out
-
-
-# --------------------------------------------------------------------------------------
-# Config, ontology, architecture check
-# --------------------------------------------------------------------------------------
-def _run_config(ref: CheckpointRef, info: CheckpointInfo):
-    """The resolved config the run trained with: client state, else {run_dir}/config.resolved.yaml."""
-    import yaml
-
-    from .config import ConfigError, config_from_dict
-
-    states = info.rank0_states
-    data, source = None, None
-    for key in ("config", "resolved_config", "cfg"):
-        if isinstance(states.get(key), dict):
-            data, source = states[key], f"{ref.tag_dir} (client state '{key}')"
-            break
-    if data is None and ref.run_dir is not None and (ref.run_dir / "config.resolved.yaml").is_file():
-        path = ref.run_dir / "config.resolved.yaml"
-        data, source = yaml.safe_load(path.read_text()), str(path)
-    if data is None:
-        raise ExportError(f"{ref.tag_dir}: the checkpoint's client state has no resolved config and no "
-                          f"config.resolved.yaml was found next to it; cannot tell the architecture")
-    try:
-        return config_from_dict(data, validate_now=False), source
-    except ConfigError as exc:
-        raise ExportError(f"the run config in {source} is not valid: {exc}") from exc
-
-
-def _ontology_info(cfg, trained_hash: str | None) -> dict:
-    """Hash the run trained with, and the node names when the ontology file still has that hash."""
-    from .ontology import OntologyError, load_ontology
-
-    nodes, note = None, None
-    try:
-        onto = load_ontology(cfg.resolve_path(cfg.ontology.path))
-        if trained_hash is None or onto.hash == trained_hash:
-            trained_hash, nodes = onto.hash, list(onto.names)
-        else:
-            note = (f"{cfg.ontology.path} now has hash {onto.hash}, the run trained with {trained_hash}: "
-                    f"node names not recorded")
-    except (OntologyError, OSError) as exc:
-        note = f"ontology {cfg.ontology.path} unreadable ({exc}): node names not recorded"
-    if note:
-        log.warning(note)
-    return dict(hash=trained_hash, nodes=nodes, note=note)
-
-
-def _check_shapes(weights: dict, reference: dict, what: str, source: str) -> None:
-    missing = sorted(set(reference) - set(weights))
-    unexpected = sorted(set(weights) - set(reference))
-    wrong = sorted(k for k in set(reference) & set(weights) if tuple(reference[k].shape) != tuple(weights[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append("shape mismatch " + ", ".join(
-                f"{k}: checkpoint {tuple(weights[k].shape)} vs config {tuple(reference[k].shape)}" for k in wrong[:5]))
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        raise ExportError(f"the {what} weights do not match the architecture in {source}: " + "; ".join(parts))
-
-
-def _reference_state_dict(model_cfg, num_classes: int) -> dict:
-    """Parameter names and shapes of the model the config describes, built without allocating memory."""
-    import torch
-
-    from .models import build_model
-    with torch.device("meta"):
-        model = build_model(model_cfg, num_classes)
-    return model.state_dict()
 
 
 # --------------------------------------------------------------------------------------
@@ -296,14 +228,15 @@ def _save_safetensors(path: Path, tensors: dict, metadata: dict) -> dict:
 
 
 def export_checkpoint(source: str | Path, out: str | Path, tag: str | None = None, dtype: str = "fp32",
-                      with_heads: bool = False, progress: bool = True, require_marker: bool = True) -> dict:
+                      with_heads: bool = False, progress: bool = True, require_marker: bool = True,
+                      license: str = DEFAULT_LICENSE, track: bool = True) -> dict:
     """Export a DeepSpeed checkpoint's encoder (and optionally heads); returns the encoder.json content."""
     if dtype not in ("fp32", "bf16"):
         raise ExportError(f"--dtype must be fp32 or bf16, got {dtype!r}")
     t0 = time.time()
     ref = resolve_checkpoint(source, tag)
     info = inspect_checkpoint(ref, require_marker=require_marker)
-    cfg, cfg_source = _run_config(ref, info)
+    cfg, cfg_source = run_config(ref, info)
     weights = consolidated_state_dict(ref, info, progress=progress)
     step = info.rank0_states.get("step", (info.marker or {}).get("step"))
     if step is None:
@@ -311,10 +244,14 @@ def export_checkpoint(source: str | Path, out: str | Path, tag: str | None = Non
         step = step_of(ref.tag)
     provenance = dict(run_dir=str(ref.run_dir) if ref.run_dir else None, checkpoint_dir=str(ref.tag_dir),
                       tag=ref.tag, step=step, zero_stage=info.zero_stage, world_size=info.world_size,
-                      deepspeed_version=str(info.rank0_states.get("ds_version")), config=cfg_source)
-    ontology = _ontology_info(cfg, info.rank0_states.get("ontology_hash") or (info.marker or {}).get("ontology_hash"))
+                      deepspeed_version=str(info.rank0_states.get("ds_version")), config=cfg_source,
+                      mlflow_run_id=info.rank0_states.get("mlflow_run_id") or (info.marker or {}).get("mlflow_run_id"))
+    ontology = ontology_info(cfg, info.rank0_states.get("ontology_hash") or (info.marker or {}).get("ontology_hash"))
     meta = write_export(weights, cfg, out, dtype=dtype, with_heads=with_heads, provenance=provenance,
-                        ontology=ontology, config_source=cfg_source)
+                        ontology=ontology, config_source=cfg_source, license=license)
+    if track:
+        from .export_tracking import log_export
+        log_export(meta, Path(out), cfg, ref.run_dir)
     log.info("exported %s (step %s, ZeRO-%d x %d ranks) to %s in %.1f s", ref.tag_dir, step,
              info.zero_stage, info.world_size, out, time.time() - t0)
     return meta
@@ -322,7 +259,7 @@ def export_checkpoint(source: str | Path, out: str | Path, tag: str | None = Non
 
 def write_export(weights: dict, cfg, out: str | Path, dtype: str = "fp32", with_heads: bool = False,
                  provenance: dict | None = None, ontology: dict | None = None,
-                 config_source: str = "the config") -> dict:
+                 config_source: str = "the config", license: str = DEFAULT_LICENSE) -> dict:
     """Check full-model `weights` (EchoCareMIM names) against `cfg.model` and write the export files.
 
     Also the way to export a model trained without DeepSpeed: `write_export(model.state_dict(), cfg, out)`.
@@ -335,13 +272,15 @@ def write_export(weights: dict, cfg, out: str | Path, dtype: str = "fp32", with_
 
     if dtype not in ("fp32", "bf16"):
         raise ExportError(f"dtype must be fp32 or bf16, got {dtype!r}")
-    onto = ontology or _ontology_info(cfg, None)
+    onto = ontology or ontology_info(cfg, None)
     hie = weights.get("hie_head.fc.weight")
     num_classes = int(hie.shape[0]) if hie is not None else len(onto["nodes"] or [])
     if onto["nodes"] is not None and hie is not None and len(onto["nodes"]) != num_classes:
         raise ExportError(f"hie_head has {num_classes} outputs but the ontology {cfg.ontology.path} has "
                           f"{len(onto['nodes'])} nodes")
-    _check_shapes(weights, _reference_state_dict(cfg.model, max(num_classes, 1)), "model", config_source)
+    # The hard-patch-mining loss predictor (mask.strategy=hpm) only steers pretraining's masks.
+    weights = {k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY_PREFIX)}
+    check_shapes(weights, reference_state_dict(cfg.model, max(num_classes, 1)), "model", config_source)
 
     encoder = {k[len(ENCODER_PREFIX):]: v for k, v in weights.items() if k.startswith(ENCODER_PREFIX)}
     heads = {k: v for k, v in weights.items() if not k.startswith(ENCODER_PREFIX)}
@@ -384,6 +323,8 @@ def write_export(weights: dict, cfg, out: str | Path, dtype: str = "fp32", with_
         echocare_version=__version__,
         exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
+    run_dir = (provenance or {}).get("run_dir")
+    files.update(write_timm_layout(out, meta, cfg, Path(run_dir) if run_dir else None, license=license))
     atomic_write_json(out / META_FILE, meta)  # written last: its hashes vouch for the files above
     return meta
 
@@ -396,7 +337,10 @@ def _cmd_export(args) -> int:
     try:
         meta = export_checkpoint(args.source, args.out, tag=args.tag, dtype=args.dtype,
                                  with_heads=args.with_heads, progress=not args.no_progress,
-                                 require_marker=not args.allow_unmarked)
+                                 require_marker=not args.allow_unmarked, license=args.license,
+                                 track=not args.no_track)
+        if args.push_to_hub:
+            print(f"pushed to {push_to_hub(Path(args.out), args.push_to_hub, private=not args.public)}")
     except ExportError as exc:
         print(f"echocare export: error: {exc}", file=sys.stderr)
         return 2
@@ -410,7 +354,7 @@ def _cmd_export(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="pretraining checkpoint -> encoder.safetensors + encoder.json",
+    p = sub.add_parser("export", help="pretraining checkpoint -> encoder (ours and timm's layout) + model card",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="run directory, its checkpoints/ directory, or one checkpoint tag directory")
     p.add_argument("--out", required=True, help="output directory")
@@ -422,4 +366,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="accept a tag directory without the trainer's meta.json completion marker "
                         "(plain DeepSpeed checkpoints); rank-file checks still apply")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--license", default=DEFAULT_LICENSE,
+                   help="licence of the weights in config.json and the model card (default: %(default)s)")
+    p.add_argument("--no-track", action="store_true", help="do not log the export to the pretraining MLflow run")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", default="",
+                   help="upload the export to the Hugging Face Hub (needs huggingface_hub and a token)")
+    p.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository")
     p.set_defaults(func=_cmd_export)

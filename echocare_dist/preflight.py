@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Mapping, NamedTuple
 from urllib.parse import urlsplit
 
-from . import devices, runlock
+from . import devices, preflight_ranks, runlock
 from .config import Config, ConfigError
 from .config_sections import parse_device
 from .ontology import Ontology, OntologyError, load_ontology
@@ -261,13 +261,19 @@ def check_cuda(ctx: PreflightContext) -> list[Problem]:
     return []
 
 
+def check_rendezvous(ctx: PreflightContext) -> list[Problem]:
+    """Several ranks: the rendezvous host resolves here, the port is one, WORLD_SIZE matches srun's
+    tasks (preflight_ranks.py; the ranks then compare notes in run_preflight's roll call)."""
+    return [Problem(*triple) for triple in preflight_ranks.rendezvous_problems(ctx.environ)]
+
+
 class Check(NamedTuple):
     name: str
     run: Callable[[PreflightContext], list[Problem]]
 
 
-# Order is report order. Extend here: node resolution and per-host
-# mounts (multi-node).
+# Order is report order. Per-host mounts (shards, run directory) are checked by every rank on its
+# own host; the roll call (run_preflight) gathers every host's problems into one report.
 CHECKS: tuple[Check, ...] = (
     Check("config", check_config),
     Check("ontology", check_ontology),
@@ -277,6 +283,7 @@ CHECKS: tuple[Check, ...] = (
     Check("tracking", check_tracking),
     Check("device", check_device),
     Check("cuda", check_cuda),
+    Check("rendezvous", check_rendezvous),
 )
 
 
@@ -302,7 +309,13 @@ def find_problems(cfg: Config, *, environ: Mapping[str, str] | None = None,
 
 def run_preflight(cfg: Config, *, environ: Mapping[str, str] | None = None,
                   checks: tuple[Check, ...] = CHECKS) -> None:
-    """Raise PreflightError listing every problem the checks find; return quietly if none."""
+    """Raise PreflightError listing every problem the checks find; return quietly if none.
+    With several ranks, every rank's problems, on every rank (preflight_ranks.roll_call: before
+    any process group, bounded by train.dist_timeout_s)."""
     problems = find_problems(cfg, environ=environ, checks=checks)
+    environ = os.environ if environ is None else environ
+    triples = preflight_ranks.roll_call(environ, [(p.key, p.value, p.reason) for p in problems],
+                                        float(cfg.train.dist_timeout_s))
+    problems = [Problem(*triple) for triple in triples]
     if problems:
         raise PreflightError(problems)

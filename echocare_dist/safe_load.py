@@ -41,28 +41,57 @@ def _resolve(names: set[str]) -> list:
     return out
 
 
+# Python 3.11.0-3.11.4 pickle an enum member as getattr(EnumClass, "NAME") (later versions as
+# EnumClass(value)): DeepSpeed's ZeroStageEnum in the optimizer files of a job that ran on such an
+# interpreter (Debian bookworm's 3.11.2, the container's) references builtins.getattr. A free
+# getattr would let a pickle walk from any allowed class to code, so the unpickler gets this
+# checked stand-in instead: only members of allowed enum classes come out of it.
+ENUM_GETATTR = "builtins.getattr"
+
+
+def _enum_member(cls, name):
+    import enum
+    import pickle
+    if (isinstance(cls, type) and issubclass(cls, enum.Enum) and f"{cls.__module__}.{cls.__qualname__}" in SAFE_GLOBALS
+            and isinstance(name, str) and name in cls.__members__):
+        return cls[name]
+    raise pickle.UnpicklingError(f"getattr({getattr(cls, '__name__', cls)!r}, {name!r}) is not an enum member of "
+                                 "an allowed class")
+
+
 def check_pickle(path: Path) -> set[str]:
-    """Refuse a checkpoint file whose pickle references code (it would run on load), without loading
-    it; returns the (allowed) non-tensor globals it references."""
+    """Refuse a checkpoint file whose pickle references code (it would run on load), without
+    running it; returns the (allowed) non-tensor globals it references."""
     from torch.serialization import get_unsafe_globals_in_checkpoint
     try:
         unsafe = set(get_unsafe_globals_in_checkpoint(str(path)))
     except Exception as exc:  # noqa: BLE001 - a truncated/corrupt file surfaces here
         raise ExportError(f"cannot read {path}: {type(exc).__name__}: {exc} "
                           f"(a partial or corrupt checkpoint file)") from exc
-    if unsafe - SAFE_GLOBALS:
-        raise ExportError(f"refusing {path}: its pickle references {sorted(unsafe - SAFE_GLOBALS)[:8]}, "
+    refused = unsafe - SAFE_GLOBALS - {ENUM_GETATTR}
+    if refused:
+        raise ExportError(f"refusing {path}: its pickle references {sorted(refused)[:8]}, "
                           f"which a checkpoint of `echocare pretrain` never holds (loading it could run code)")
+    if ENUM_GETATTR in unsafe:
+        # DeepSpeed's loaders will unpickle this file with the real getattr: first prove, through the
+        # restricted unpickler and the checked stand-in, that every getattr names an enum member.
+        torch_load_safe(path, unsafe)
     return unsafe
 
 
-def torch_load_safe(path: Path) -> dict:
+def torch_load_safe(path: Path, referenced: set[str] | None = None) -> dict:
     import torch
-    allowed = _resolve(check_pickle(path))
+    referenced = check_pickle(path) if referenced is None else referenced
+    allowed = _resolve(referenced - {ENUM_GETATTR})
+    if ENUM_GETATTR in referenced:
+        allowed.append((_enum_member, ENUM_GETATTR))
     try:
         # mmap: a ZeRO-0 Swin-L module is ~0.8 GB; pages are read only when a tensor is touched.
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - a truncated/corrupt file surfaces here
+        if ENUM_GETATTR in referenced and "getattr" in str(exc):
+            raise ExportError(f"refusing {path}: its pickle calls getattr on something other than an enum member "
+                              f"of an allowed class (loading it could run code): {exc}") from exc
         raise ExportError(f"cannot read {path}: {type(exc).__name__}: {exc} "
                           f"(a partial or corrupt checkpoint file)") from exc

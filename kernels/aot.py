@@ -52,6 +52,7 @@ class Shape:
     num_nodes: int
     ancestor_width: int
     descendant_width: int
+    mask_patch: int = 0     # the per-mask-patch sums variant (hard patch mining) when > 0
 
 
 def preset_shapes() -> list[Shape]:
@@ -67,7 +68,7 @@ def preset_shapes() -> list[Shape]:
         onto = load_ontology(onto_path if onto_path.is_absolute() else REPO_ROOT / onto_path)
         m = cfg.model
         shapes.append(Shape(path.stem, cfg.train.micro_batch, m.in_chans, m.img_size, m.patch_size, len(onto),
-                            onto.ancestor_table.shape[1], onto.descendant_table.shape[1]))
+                            onto.ancestor_table.shape[1], onto.descendant_table.shape[1], cfg.mask.mask_patch_size))
     return shapes
 
 
@@ -94,6 +95,15 @@ def shape_launches(s: Shape) -> list[tuple[str, Launch]]:
             out.append((tag, finalize_launch(sums, counts, _scalar(), _scalar())))
             out.append((tag, l1_backward_launch(pred, target, mask, torch.empty_like(pred), _scalar(), _scalar(),
                                                 geo)))
+            if s.mask_patch:   # the forward that also writes per-mask-patch sums (its tiles are aligned)
+                mp = s.mask_patch
+                geo = l1_geometry(pred, target, mask, p, sum_patch=mp)
+                sums, counts = _meta((geo.programs,), torch.float32), _meta((geo.programs,), torch.int32)
+                plane_sums = _meta((B, C, H // mp, H // mp), torch.float32)
+                out.append((f"{tag} sums@{mp}", l1_forward_launch(pred, target, mask, sums, counts, geo,
+                                                                  plane_sums, mp)))
+                out.append((f"{tag} sums@{mp}", l1_backward_launch(pred, target, mask, torch.empty_like(pred),
+                                                                   _scalar(), _scalar(), geo)))
     anc = _meta((s.num_nodes, s.ancestor_width), torch.int32)
     desc = _meta((s.num_nodes, s.descendant_width), torch.int32)
     labels = _meta((B, s.num_nodes), torch.int8)

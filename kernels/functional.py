@@ -14,7 +14,8 @@ import warnings
 
 import torch
 
-from .reference import coherent_probs_reference, hierarchical_minmax_loss_reference, masked_l1_loss_reference
+from .reference import (coherent_probs_reference, hierarchical_minmax_loss_reference, masked_l1_loss_reference,
+                        masked_l1_patch_sums_reference)
 from .tables import index_table
 
 IMPLS = ("auto", "triton", "torch")
@@ -32,7 +33,7 @@ TRITON_INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").stri
 _warned_fallback = False
 if HAS_TRITON:  # our kernel modules import plainly: a fault in them is ours and must surface
     from .hierarchical import coherent_probs_triton, hierarchical_minmax_loss_triton
-    from .masked_l1 import masked_l1_loss_triton
+    from .masked_l1 import masked_l1_loss_and_patch_sums_triton, masked_l1_loss_triton
 
 
 def _refuse_interpreter_on_cuda(tensors) -> None:
@@ -124,6 +125,33 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, token_mask: torch.T
     if use_triton(impl, pred, target, token_mask):
         return masked_l1_loss_triton(pred, target, token_mask, p)
     return masked_l1_loss_reference(pred, target, token_mask, p)
+
+
+def _check_sum_patch(pred, p: int, sum_patch) -> int:
+    s = int(sum_patch)
+    if s != sum_patch or s < p or s % p:
+        raise ValueError(f"sum_patch must be a positive multiple of patch_size {p}, got {sum_patch!r}")
+    if s & (s - 1):
+        # The kernel reshapes a tile into whole mask patches; Triton shapes are powers of two.
+        raise ValueError(f"sum_patch must be a power of two, got {s}")
+    H, W = pred.shape[-2:]
+    if H % s or W % s:
+        raise ValueError(f"image {H}x{W} is not a whole number of {s}x{s} mask patches")
+    return s
+
+
+def masked_l1_loss_and_patch_sums(pred: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor,
+                                  patch_size: int, sum_patch: int, impl: str = "auto"):
+    """(masked_l1_loss(...), sums) where sums (B, H/s, W/s) float32 holds sum |pred - target| over
+    the masked pixels of each s x s mask patch (s = sum_patch, e.g. SimMIM's 32): the per-patch
+    difficulty that hard patch mining learns to predict. Triton computes both in one pass over the
+    images; the sums carry no gradient."""
+    p = _check_masked_l1(pred, target, token_mask, patch_size)
+    s = _check_sum_patch(pred, p, sum_patch)
+    if use_triton(impl, pred, target, token_mask):
+        return masked_l1_loss_and_patch_sums_triton(pred, target, token_mask, p, s)
+    return (masked_l1_loss_reference(pred, target, token_mask, p),
+            masked_l1_patch_sums_reference(pred.detach(), target, token_mask, p, s).float())
 
 
 def _check_logits(logits, name_tables) -> None:

@@ -10,6 +10,11 @@ with SimMIM's 32-pixel mask patches about half of the image bytes are not read a
 Backward: one pass writing grad = sign(pred - target) * mask / count * grad_out.
 Neither a pixel-resolution mask nor a |diff| tensor ever exists; inputs are read through their
 strides (non-contiguous views cost no copy).
+
+Per-patch sums (hard patch mining, docs/kernels.md): with SUM_PATCH = s > 0 the forward also
+writes, in the same pass, sum |pred - target| over the masked pixels of every s x s mask patch
+of every plane, (B, C, H/s, W/s). Tiles are then aligned to whole mask patches, so each output
+cell is written by exactly one program (no atomics: as reproducible as the loss itself).
 """
 from __future__ import annotations
 
@@ -52,15 +57,31 @@ def _load_masked_tile(pred_ptr, target_ptr, mask_ptr, C, H, W, tiles_w, tiles_pe
 
 
 @triton.jit
-def _masked_l1_fwd_kernel(pred_ptr, target_ptr, mask_ptr, partial_sum_ptr, partial_count_ptr,
+def _masked_l1_fwd_kernel(pred_ptr, target_ptr, mask_ptr, partial_sum_ptr, partial_count_ptr, patch_sum_ptr,
                           C, H, W, tiles_w, tiles_per_plane,
                           sp_b, sp_c, sp_h, sp_w, st_b, st_c, st_h, st_w, sm_b, sm_h, sm_w,
-                          PATCH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+                          PATCH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                          SUM_PATCH: tl.constexpr):
     pid, b, c, h, w, inside, selected, x, y = _load_masked_tile(
         pred_ptr, target_ptr, mask_ptr, C, H, W, tiles_w, tiles_per_plane,
         sp_b, sp_c, sp_h, sp_w, st_b, st_c, st_h, st_w, sm_b, sm_h, sm_w, PATCH, BLOCK_H, BLOCK_W)
-    tl.store(partial_sum_ptr + pid, tl.sum(tl.sum(tl.abs(x - y), axis=1), axis=0))
+    diff = tl.abs(x - y)
+    tl.store(partial_sum_ptr + pid, tl.sum(tl.sum(diff, axis=1), axis=0))
     tl.store(partial_count_ptr + pid, tl.sum(tl.sum(selected.to(tl.int32), axis=1), axis=0))
+    if SUM_PATCH > 0:
+        # Tiles hold whole mask patches (l1_blocks aligns them), so the patch grid of this tile
+        # is a reshape of its pixels, and no other program touches these output cells.
+        GH: tl.constexpr = BLOCK_H // SUM_PATCH
+        GW: tl.constexpr = BLOCK_W // SUM_PATCH
+        per_patch = tl.sum(tl.sum(tl.reshape(diff, (GH, SUM_PATCH, GW, SUM_PATCH)), axis=3), axis=1)
+        tile = pid % tiles_per_plane
+        gh = (tile // tiles_w) * GH + tl.arange(0, GH)
+        gw = (tile % tiles_w) * GW + tl.arange(0, GW)
+        grid_h = H // SUM_PATCH
+        grid_w = W // SUM_PATCH
+        plane = (pid // tiles_per_plane).to(tl.int64)
+        tl.store(patch_sum_ptr + plane * grid_h * grid_w + gh[:, None] * grid_w + gw[None, :], per_patch,
+                 mask=(gh[:, None] < grid_h) & (gw[None, :] < grid_w))
 
 
 @triton.jit
@@ -80,11 +101,15 @@ def _masked_l1_bwd_kernel(pred_ptr, target_ptr, mask_ptr, grad_ptr, inv_count_pt
              grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
-def l1_blocks(H: int, W: int, interpreted: bool) -> tuple[int, int]:
-    """(BLOCK_H, BLOCK_W) for an H x W plane: full rows where possible, a fixed pixel budget."""
+def l1_blocks(H: int, W: int, interpreted: bool, align: int = 0) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_W) for an H x W plane: full rows where possible, a fixed pixel budget.
+    align > 0 (a power of two): both sides are multiples of it, the budget kept by narrowing rows."""
     tile, max_w = (INTERPRETER_TILE, INTERPRETER_MAX_BLOCK_W) if interpreted else (GPU_TILE, GPU_MAX_BLOCK_W)
     block_w = min(next_pow2(W), max_w)
     block_h = min(next_pow2(H), max(1, tile // block_w))
+    if align:
+        block_h = max(block_h, align)
+        block_w = max(align, min(block_w, tile // block_h))
     return block_h, block_w
 
 
@@ -113,10 +138,12 @@ class L1Geometry:
     constexprs: dict
 
 
-def l1_geometry(pred, target, mask, patch_size: int, block_h=None, block_w=None) -> L1Geometry:
+def l1_geometry(pred, target, mask, patch_size: int, block_h=None, block_w=None, sum_patch: int = 0) -> L1Geometry:
     B, C, H, W = pred.shape
-    default_h, default_w = l1_blocks(H, W, is_interpreted(_masked_l1_fwd_kernel))
+    default_h, default_w = l1_blocks(H, W, is_interpreted(_masked_l1_fwd_kernel), align=sum_patch)
     block_h, block_w = block_h or default_h, block_w or default_w
+    if sum_patch and (block_h % sum_patch or block_w % sum_patch):
+        raise ValueError(f"tile {block_h}x{block_w} does not hold whole {sum_patch}x{sum_patch} mask patches")
     tiles_w = triton.cdiv(W, block_w)
     tiles_per_plane = triton.cdiv(H, block_h) * tiles_w
     return L1Geometry(B * C * tiles_per_plane,
@@ -124,9 +151,15 @@ def l1_geometry(pred, target, mask, patch_size: int, block_h=None, block_w=None)
                       dict(PATCH=int(patch_size), BLOCK_H=block_h, BLOCK_W=block_w))
 
 
-def l1_forward_launch(pred, target, mask, partial_sum, partial_count, geo: L1Geometry) -> Launch:
-    return Launch(_masked_l1_fwd_kernel, (geo.programs,), (pred, target, mask, partial_sum, partial_count, *geo.args),
-                  geo.constexprs, GPU_WARPS)
+def l1_forward_launch(pred, target, mask, partial_sum, partial_count, geo: L1Geometry,
+                      patch_sum=None, sum_patch: int = 0) -> Launch:
+    """patch_sum: (B, C, H/sum_patch, W/sum_patch) float32 output, or None (then never written:
+    the kernel receives partial_sum in its place, SUM_PATCH=0 compiles the store away)."""
+    if (patch_sum is None) != (sum_patch == 0):
+        raise ValueError("patch_sum and sum_patch go together")
+    return Launch(_masked_l1_fwd_kernel, (geo.programs,),
+                  (pred, target, mask, partial_sum, partial_count, partial_sum if patch_sum is None else patch_sum,
+                   *geo.args), dict(geo.constexprs, SUM_PATCH=int(sum_patch)), GPU_WARPS)
 
 
 def l1_backward_launch(pred, target, mask, grad, inv_count, grad_out, geo: L1Geometry) -> Launch:
@@ -135,33 +168,46 @@ def l1_backward_launch(pred, target, mask, grad, inv_count, grad_out, geo: L1Geo
 
 
 class MaskedL1LossFunction(torch.autograd.Function):
-    """Triton masked patch L1: forward(pred, target, token_mask, patch_size) -> float32 scalar."""
+    """Triton masked patch L1: forward(pred, target, token_mask, patch_size, sum_patch) ->
+    (float32 scalar loss, per-mask-patch sums (B, H/s, W/s) float32, or an empty tensor when
+    sum_patch is 0). The sums carry no gradient (they are a training signal for a predictor)."""
 
     @staticmethod
-    def forward(ctx, pred, target, token_mask, patch_size, block_h=None, block_w=None):
+    def forward(ctx, pred, target, token_mask, patch_size, sum_patch=0, block_h=None, block_w=None):
         check_triton_device(pred, target, token_mask)
         for t, name in ((pred, "pred"), (target, "target")):
             _check_offsets_fit_int32(t, name)
         mask = token_mask_as_u8(token_mask)
-        geo = l1_geometry(pred, target, mask, patch_size, block_h, block_w)
+        geo = l1_geometry(pred, target, mask, patch_size, block_h, block_w, sum_patch)
         partial_sum = torch.empty(geo.programs, dtype=torch.float32, device=pred.device)
         partial_count = torch.empty(geo.programs, dtype=torch.int32, device=pred.device)
-        l1_forward_launch(pred, target, mask, partial_sum, partial_count, geo)()
+        B, C, H, W = pred.shape
+        plane_sums = (torch.empty(B, C, H // sum_patch, W // sum_patch, dtype=torch.float32, device=pred.device)
+                      if sum_patch else None)
+        l1_forward_launch(pred, target, mask, partial_sum, partial_count, geo, plane_sums, sum_patch)()
         loss, inv_count = finalize_mean(partial_sum, partial_count)
         ctx.save_for_backward(pred, target, mask, inv_count)
         ctx.geo = geo
-        return loss
+        # Channels are summed here, in a fixed order (C is 1 for ultrasound: a free view).
+        sums = plane_sums.sum(dim=1) if sum_patch else torch.empty(0, dtype=torch.float32, device=pred.device)
+        ctx.mark_non_differentiable(sums)
+        return loss, sums
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_sums):
         pred, target, mask, inv_count = ctx.saved_tensors
         grad = torch.empty_like(pred)   # same layout as pred when pred is dense (e.g. channels_last)
         grad_out = grad_out.to(device=pred.device, dtype=torch.float32).contiguous()
         l1_backward_launch(pred, target, mask, grad, inv_count, grad_out, ctx.geo)()
         grad_pred = grad if ctx.needs_input_grad[0] else None
         grad_target = (-grad).to(target.dtype) if ctx.needs_input_grad[1] else None
-        return grad_pred, grad_target, None, None, None, None
+        return grad_pred, grad_target, None, None, None, None, None
 
 
 def masked_l1_loss_triton(pred, target, token_mask, patch_size, block_h=None, block_w=None):
-    return MaskedL1LossFunction.apply(pred, target, token_mask, int(patch_size), block_h, block_w)
+    return MaskedL1LossFunction.apply(pred, target, token_mask, int(patch_size), 0, block_h, block_w)[0]
+
+
+def masked_l1_loss_and_patch_sums_triton(pred, target, token_mask, patch_size, sum_patch, block_h=None, block_w=None):
+    """(loss, (B, H/sum_patch, W/sum_patch) float32 sums of |pred - target| over masked pixels)."""
+    return MaskedL1LossFunction.apply(pred, target, token_mask, int(patch_size), int(sum_patch), block_h, block_w)

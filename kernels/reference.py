@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["masked_l1_loss_reference", "hierarchical_minmax_loss_reference", "coherent_probs_reference",
-           "table_extreme_reference"]
+__all__ = ["masked_l1_loss_reference", "masked_l1_patch_sums_reference", "hierarchical_minmax_loss_reference",
+           "coherent_probs_reference", "table_extreme_reference"]
 
 
 def masked_l1_loss_reference(pred: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor,
@@ -35,6 +35,20 @@ def masked_l1_loss_reference(pred: torch.Tensor, target: torch.Tensor, token_mas
     total = torch.where(selected, per_token, per_token.new_zeros(())).sum()
     masked_pixels = selected.sum() * (p * p * C)
     return total / masked_pixels.clamp_min(1).to(compute)
+
+
+@torch.no_grad()
+def masked_l1_patch_sums_reference(pred: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor,
+                                   patch_size: int, sum_patch: int) -> torch.Tensor:
+    """(B, H/s, W/s): sum of |pred - target| over the masked pixels (all channels) of each s x s
+    mask patch, s = sum_patch a multiple of patch_size; 0 for patches with nothing masked."""
+    B, C, H, W = pred.shape
+    p, k = int(patch_size), int(sum_patch) // int(patch_size)
+    compute = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    diff = (pred.to(compute) - target.to(compute)).abs()
+    per_token = diff.reshape(B, C, H // p, p, W // p, p).sum(dim=(3, 5)).sum(dim=1)
+    per_token = torch.where(token_mask.to(torch.bool), per_token, per_token.new_zeros(()))
+    return per_token.reshape(B, H // (p * k), k, W // (p * k), k).sum(dim=(2, 4))
 
 
 def table_extreme_reference(values: torch.Tensor, table: torch.Tensor, largest: bool):

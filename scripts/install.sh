@@ -23,7 +23,7 @@ export PIP_NO_INPUT=1
 "${PIP[@]}" install -q --upgrade "pip>=24" "setuptools>=70" wheel -c "$ROOT/constraints.txt"
 # torch first and pinned; every later call is constrained by the same file.
 "${PIP[@]}" install -q -c "$ROOT/constraints.txt" "torch==2.14.1" "torchvision==0.29.1"
-"${PIP[@]}" install -q -c "$ROOT/constraints.txt" -e "${ROOT}[dali,triton,server,test]"
+"${PIP[@]}" install -q -c "$ROOT/constraints.txt" -e "${ROOT}[dali,triton,server,test,dicom]"
 "$VENV/bin/python" - <<'PY'
 import torch, torchvision, triton, deepspeed, webdataset, timm, mlflow, nvidia.dali, echocare_dist
 print(f"[install] torch {torch.__version__}, triton {triton.__version__}, deepspeed {deepspeed.__version__}, "

@@ -143,7 +143,7 @@ say "rendezvous $MASTER_ADDR:$MASTER_PORT; workdir $workdir; $python $ENTRY $*"
 # shellcheck disable=SC2016  # expanded by the task's shell, not here
 task_env='export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" NODE_RANK="$SLURM_NODEID"
 export LOCAL_WORLD_SIZE="${SLURM_STEP_TASKS_PER_NODE%%[(,]*}"
-echo "task rank $RANK/$WORLD_SIZE local $LOCAL_RANK/$LOCAL_WORLD_SIZE node $NODE_RANK ($HOSTNAME)"
+echo "task rank $RANK/$WORLD_SIZE local $LOCAL_RANK/$LOCAL_WORLD_SIZE node $NODE_RANK ($(hostname))"
 exec "$@"'
 
 preempted=""
@@ -191,6 +191,14 @@ if [ "$status" -eq "$REQUEUE_CODE" ]; then
     fi
     # Cancelled jobs and jobs past their end cannot be requeued; the checkpoint is on disk.
     say "scontrol requeue failed: resubmit to resume from the latest checkpoint"
+fi
+if [ "$status" -ne 0 ] && [ "$status" -ne 2 ] && [ "$status" -ne 3 ]; then
+    # 2 (bad input) and 3 (non-finite) carry their own message; anything else is a crash or a lost
+    # rank. The checkpoint pointer moves only after a complete save, so it is safe to resume from.
+    say "error: training failed with exit code $status on $SLURM_JOB_NUM_NODES node(s) [$SLURM_JOB_NODELIST]: a rank" \
+        "or a node failed (the first error is in the ranks' output above; srun names a task killed by a" \
+        "signal). checkpoints/latest is the last complete checkpoint: resubmit the same command to resume," \
+        "on fewer nodes too" >&2
 fi
 say "training step finished with exit code $status"
 exit "$status"

@@ -73,6 +73,18 @@ def tiny_shards(tmp_path_factory, synth_dataset, ontology):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_val_shards(tmp_path_factory, synth_dataset, ontology):
+    """Shards of the synthetic dataset with a validation hold-out (curation.val_fraction=0.2):
+    the shard directory, its held-out set in {dir}/val (tests/test_valsplit.py, test_validation.py)."""
+    from echocare_dist.config import load_config
+    from echocare_dist.curation import build_shards
+    cfg = load_config("tiny_cpu", ["curation.val_fraction=0.2"])
+    out = tmp_path_factory.mktemp("val_shards")
+    build_shards([synth_dataset.mapping], out, cfg, ontology, progress=False)
+    return out
+
+
 # ------------------------------------------------------------------ fault table (issue 11)
 # Every test marked `fault` injects one failure (damaged shard, disk full, killed rank, ...). At the
 # end of a run that included any, one line re-measures the figures: passed = clean; failed on a

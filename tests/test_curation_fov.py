@@ -135,7 +135,8 @@ def test_audit_sheet_lists_worst_crops_first(tmp_path, ontology, capsys):
     mapping = tmp_path / "m.yaml"
     mapping.write_text("sources:\n  - {name: S, root: src, labels: [liver]}\n")
     out = tmp_path / "shards"
-    m = build_shards([mapping], out, load_config("tiny_cpu", ["curation.workers=1"]), ontology, progress=False)
+    cfg = load_config("tiny_cpu", ["curation.workers=1", "curation.deid=false"])  # captions name the files
+    m = build_shards([mapping], out, cfg, ontology, progress=False)
     assert m.num_samples == 2 and m.rejected["crop_failed"]["count"] == 1
     png, items = crop_audit(out, tmp_path / "audit.png", num=8, tile=128)
     assert [Path(it.path).name for it in items][0] == "c graphics.png" and items[0].crop is None

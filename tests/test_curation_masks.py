@@ -115,7 +115,7 @@ def collection(tmp_path_factory, ontology):
         "sources:\n"
         "  - {name: BUSI, root: busi, labels: [breast], exclude: ['*thumb*']}\n"
         "  - {name: Thyroid, root: thyroid, labels: [thyroid]}\n")
-    cfg = load_config("tiny_cpu", ["curation.workers=1"])
+    cfg = load_config("tiny_cpu", ["curation.workers=1", "curation.deid=false"])
     manifest = build_shards([mapping], base / "shards", cfg, ontology, progress=False)
     return base, fate, manifest
 
@@ -147,14 +147,15 @@ def test_allow_mask_like_opts_a_source_back_in(tmp_path, ontology):
     root.mkdir()
     cv2.imwrite(str(root / "unlabeled_scan 1.png"), sector_frame(240, 320, seed=3)[0])  # matches *label*
     mapping = tmp_path / "m.yaml"
-    cfg = load_config("tiny_cpu", ["curation.workers=1"])
+    cfg = load_config("tiny_cpu", ["curation.workers=1", "curation.deid=false"])
     mapping.write_text("sources:\n  - {name: s, root: src, labels: []}\n")
     m = build_shards([mapping], tmp_path / "a", cfg, ontology, progress=False)
     assert m.num_samples == 0 and m.rejected["mask_like"]["count"] == 1
     mapping.write_text("sources:\n  - {name: s, root: src, labels: [], allow_mask_like: true}\n")
     m = build_shards([mapping], tmp_path / "b", cfg, ontology, progress=False)
     assert m.num_samples == 1 and m.rejected["mask_like"]["count"] == 0
-    patterns = load_config("tiny_cpu", ["curation.workers=1", "curation.mask_name_patterns=[\"*_mask*\"]"])
+    patterns = load_config("tiny_cpu", ["curation.workers=1", "curation.deid=false",
+                                        "curation.mask_name_patterns=[\"*_mask*\"]"])
     mapping.write_text("sources:\n  - {name: s, root: src, labels: []}\n")
     assert build_shards([mapping], tmp_path / "c", patterns, ontology, progress=False).num_samples == 1
 
@@ -185,7 +186,7 @@ def conflict_build(tmp_path: Path, ontology, policy: str | None):
     mapping.write_text("sources:\n  - name: s\n    root: src\n    labels: []\n    rules:\n"
                        "      - {glob: 'benign/*', labels: [breast]}\n"
                        "      - {glob: 'malignant/*', labels: [breast_mass]}\n")
-    over = ["curation.workers=1"] + ([f"curation.label_conflict={policy}"] if policy else [])
+    over = ["curation.workers=1", "curation.deid=false"] + ([f"curation.label_conflict={policy}"] if policy else [])
     out = tmp_path / f"shards-{policy}"
     return build_shards([mapping], out, load_config("tiny_cpu", over), ontology, progress=False), out
 

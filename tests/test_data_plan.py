@@ -1,5 +1,6 @@
 """Epoch plan (rank split, equal steps), manifest checks, preflight, quarantine file, and the shard
 format the loaders read (index rule, manifest versions)."""
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ from data_fixtures import truncate_file, write_shards
 from echocare_dist.data.quarantine import Quarantine
 from echocare_dist.data.shards import (DataLoaderError, ShardError, ShardIndex, ShardSet, TarReader,
                                        buffer_shuffle, make_plan)
-from echocare_dist.shardfmt import MANIFEST, Manifest, ShardReader, read_index
+from echocare_dist.shardfmt import MANIFEST, MANIFEST_FORMAT, Manifest, ShardReader, read_index
 
 COUNTS = (13, 11, 9, 8, 1)  # 42 samples, uneven shards
 
@@ -183,15 +184,17 @@ def test_shard_reader_reads_what_the_writer_wrote(shard_dir, ontology):
 def test_manifest_round_trip_and_versions(shard_dir, tmp_path):
     root, _ = shard_dir
     manifest = Manifest.read(root)
-    assert manifest.format == 1 and manifest.num_samples == sum(COUNTS)
+    assert manifest.format == MANIFEST_FORMAT and manifest.num_samples == sum(COUNTS)
     assert [s.name for s in manifest.shards] == [f"shard-{i:06d}.tar" for i in range(len(COUNTS))]
     manifest.write(tmp_path)
     assert Manifest.read(tmp_path) == manifest
     raw = json.loads((root / MANIFEST).read_text())
     del raw["format"]  # written before the manifest carried its version: format 1
     (tmp_path / MANIFEST).write_text(json.dumps(raw))
-    assert Manifest.read(tmp_path) == manifest
-    for change, needle in (({"format": 2}, "format=2"), ({"per_node": None}, "per_node"),
+    old = Manifest.read(tmp_path)
+    assert old.format == 1 and dataclasses.replace(old, format=manifest.format) == manifest
+    for change, needle in (({"format": MANIFEST_FORMAT + 1}, f"format={MANIFEST_FORMAT + 1}"),
+                           ({"per_node": None}, "per_node"),
                            ({"num_samples": "42"}, "num_samples must be an integer"),
                            ({"shards": [{"name": "x.tar"}]}, r"shards\[0\] needs name, samples, bytes and sha256"),
                            ({"shards": [{**raw["shards"][0], "name": "../x.tar"}]}, "not a file name")):

@@ -35,3 +35,13 @@ def test_demo_runs_the_whole_chain(python_exe, tmp_path):
     tail = summary[summary.index("echocare evaluate: classification"):]
     assert all(name in tail for name in evaluation["rows"]) and "SMOKE TEST" in tail
     assert "2 ranks" in summary
+    # ONE tracking store for the whole chain: the pretraining run holds the export, every
+    # fine-tuning run names that pretraining run.
+    from mlflow import MlflowClient
+    assert (out / "mlflow.db").is_file() and not list(out.glob("*/mlflow.db")) and not list(out.glob("*/*/mlflow.db"))
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (pretrain,) = client.search_runs([client.get_experiment_by_name("echocare-pretrain").experiment_id])
+    assert {"export/encoder.safetensors", "export/config.json"} <= {
+        a.path for a in client.list_artifacts(pretrain.info.run_id, "export")}
+    finetunes = client.search_runs([client.get_experiment_by_name("echocare-finetune").experiment_id])
+    assert len(finetunes) == 3 and {r.data.tags["echocare.pretrain_run_id"] for r in finetunes} == {pretrain.info.run_id}

@@ -1,8 +1,9 @@
-"""The container image's sources: no Docker engine runs here, so we check what can be checked
-without one (docs/cluster.md says exactly what): hadolint on docker/Dockerfile (which also
-runs shellcheck on every RUN), shellcheck on the entry point, the Dockerfile's contract with
-the rest of the repo (same install script, non-root user, entry point), the build context
-(.dockerignore), and the entry point's dispatch run for real on this machine."""
+"""The container image's sources, checked without building it (tests/test_container.py builds
+and runs the image for real): hadolint on docker/Dockerfile (which also runs shellcheck on every
+RUN), shellcheck on the entry point and scripts/build_image.sh, the Dockerfile's contract with
+the rest of the repo (one Dockerfile for both bases, same install script, the layer order the
+build cache relies on, non-root user, labels, entry point), the build context (.dockerignore),
+and the entry point's dispatch run for real on this machine."""
 from __future__ import annotations
 
 import fnmatch
@@ -70,21 +71,43 @@ def test_entrypoint_shell_checks():
 
 def test_dockerfile_contract():
     instructions = _instructions()
-    base = [args for word, args in instructions if word == "FROM"]
-    assert len(base) == 1 and re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-devel-ubuntu\d\d\.\d\d", base[0]), base
-    runs = " ".join(args for word, args in instructions if word == "RUN")
+    # One Dockerfile for the CUDA image and the locally built Debian one: the base is an ARG
+    # whose default is the CUDA 13 devel image.
+    args = [rest for word, rest in instructions if word == "ARG" and rest.startswith("BASE_IMAGE=")]
+    assert len(args) == 1 and re.fullmatch(r"BASE_IMAGE=nvidia/cuda:13\.\d+\.\d+-cudnn-devel-ubuntu\d\d\.\d\d", args[0]), args
+    assert instructions[0][0] == "ARG", "BASE_IMAGE must be declared before FROM"
+    base = [rest for word, rest in instructions if word == "FROM"]
+    assert base == ["${BASE_IMAGE}"], base
+    runs = [rest for word, rest in instructions if word == "RUN"]
+    joined = " ".join(runs)
+    # Python 3.11 natively when the base has it (Debian bookworm), else from the PPA.
+    assert re.search(r"if ! apt-cache show python3\.11-venv .*add-apt-repository -y ppa:deadsnakes/ppa", joined), joined
+    assert "python3.11-venv" in joined, "scripts/install.sh needs `python3 -m venv`"
+    assert re.search(r"apt-get purge -y --auto-remove software-properties-common gpg-agent", joined)
     # The same install script as CI and the README, into a venv outside the source tree.
-    assert re.search(r"\bscripts/install\.sh /opt/venv\b", runs), runs
-    assert "python3.11-venv" in runs, "scripts/install.sh needs `python3 -m venv`"
-    assert "pip install" not in runs, "Python packages must come from scripts/install.sh only"
-    users = [args for word, args in instructions if word == "USER"]
+    assert re.search(r"\bscripts/install\.sh /opt/venv\b", joined), joined
+    # Every pip call is constrained by constraints.txt (torch pinned first, never another build).
+    for call in re.findall(r"pip install [^&]*", joined):
+        assert "-c constraints.txt" in call, f"unconstrained pip call: {call}"
+    # Layer order = the cache contract: the heavy layer sees constraints.txt only, the source comes after.
+    order = [(word, rest) for word, rest in instructions if word in ("COPY", "RUN")]
+    copies = [rest for word, rest in order if word == "COPY"]
+    assert copies == ["constraints.txt /opt/echocare/constraints.txt", ". /opt/echocare"], copies
+    i_cons = order.index(("COPY", copies[0]))
+    i_src = order.index(("COPY", copies[1]))
+    heavy = [i for i, (word, rest) in enumerate(order) if word == "RUN" and "-r /tmp/pinned.txt" in rest]
+    install = [i for i, (word, rest) in enumerate(order) if word == "RUN" and "scripts/install.sh" in rest]
+    assert heavy and install and i_cons < heavy[0] < i_src < install[0], order
+    users = [rest for word, rest in instructions if word == "USER"]
     assert users and users[-1] not in ("root", "0", "0:0"), f"the image must not run as root: USER {users}"
-    entry = [args for word, args in instructions if word == "ENTRYPOINT"]
+    entry = [rest for word, rest in instructions if word == "ENTRYPOINT"]
     assert entry == ['["/opt/echocare/docker/entrypoint.sh"]'], entry
-    copies = [args for word, args in instructions if word == "COPY"]
-    assert copies == [". /opt/echocare"], copies
-    env = " ".join(args for word, args in instructions if word == "ENV")
+    env = " ".join(rest for word, rest in instructions if word == "ENV")
     assert "PATH=/opt/venv/bin:" in env, "the venv must be on PATH (Pyxis/Apptainer do not run the ENTRYPOINT)"
+    labels = " ".join(rest for word, rest in instructions if word == "LABEL")
+    for key in ("title", "version", "revision", "created", "base.name"):
+        assert f"org.opencontainers.image.{key}=" in labels, key
+    assert not [word for word, _ in instructions if word == "HEALTHCHECK"], "batch image: no HEALTHCHECK by design"
 
 
 def _ignored(rel: str, patterns: list[str]) -> bool:
@@ -110,7 +133,7 @@ def test_dockerignore_keeps_sources_drops_local_state():
     for rel in needed:
         assert (REPO / rel).exists(), rel
         assert not _ignored(rel, patterns), f".dockerignore drops {rel}, which the image needs"
-    for rel in [".venv/bin/python", ".git/HEAD", "runs/tiny_cpu/checkpoints/latest",
+    for rel in [".venv/bin/python", ".git/HEAD", "runs/tiny_cpu/checkpoints/latest", ".gpu_wheels/x.whl",
                 "echocare_dist/__pycache__/config.cpython-311.pyc", "echocare_dist.egg-info/PKG-INFO"]:
         assert _ignored(rel, patterns), f".dockerignore must drop {rel}"
 
@@ -132,11 +155,67 @@ def test_entrypoint_dispatch(tmp_path):
     assert result.returncode == 7 and result.stdout.strip() == "a b-c"
 
 
+def _stub(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("gpus, nproc_env, want", [(0, None, "1"), (3, None, "3"), (3, "2", "2")])
+def test_entrypoint_pretrain_rank_count(tmp_path, gpus, nproc_env, want):
+    # `pretrain` runs our launcher with one rank per visible GPU (nvidia-smi -L), ECHOCARE_NPROC wins.
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    _stub(stubs, "echocare", "printf '[%s]' \"$@\"\n")
+    if gpus:
+        lines = "".join(f"GPU {i}: NVIDIA H200 (UUID: GPU-{i})\\n" for i in range(gpus))
+        _stub(stubs, "nvidia-smi", f'[ "$1" = -L ] && printf "{lines}"\n')
+    env = {"PATH": f"{stubs}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp_path)}
+    if nproc_env:
+        env["ECHOCARE_NPROC"] = nproc_env
+    result = _run([str(ENTRYPOINT), "pretrain", "--config", "tiny_cpu", "--set", "a=b c"], env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"[pretrain][--nproc][{want}][--config][tiny_cpu][--set][a=b c]"
+
+
+def test_entrypoint_seeds_prebuilt_torch_extensions(tmp_path):
+    # The image's prebuilt DeepSpeed op is copied into an empty TORCH_EXTENSIONS_DIR with its
+    # timestamps (ninja then finds it up to date); an existing folder is left alone.
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    _stub(stubs, "echocare", "true\n")
+    prebuilt = tmp_path / "prebuilt" / "deepspeed_shm_comm"
+    prebuilt.mkdir(parents=True)
+    (prebuilt / "op.so").write_bytes(b"\x7fELF")
+    os.utime(prebuilt / "op.so", (1_000_000_000, 1_000_000_000))
+    target = tmp_path / "cache" / "ext"
+    env = {"PATH": f"{stubs}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp_path), "ECHOCARE_NPROC": "1",
+           "ECHOCARE_PREBUILT_EXTENSIONS": str(tmp_path / "prebuilt"), "TORCH_EXTENSIONS_DIR": str(target)}
+    assert _run([str(ENTRYPOINT), "pretrain"], env=env, cwd=tmp_path).returncode == 0
+    seeded = target / "deepspeed_shm_comm" / "op.so"
+    assert seeded.read_bytes() == b"\x7fELF" and seeded.stat().st_mtime == 1_000_000_000
+    seeded.write_bytes(b"mine")
+    assert _run([str(ENTRYPOINT), "pretrain"], env=env, cwd=tmp_path).returncode == 0
+    assert seeded.read_bytes() == b"mine"
+
+
 @pytest.mark.slow
-def test_entrypoint_pretrain_goes_through_deepspeed(tmp_path):
-    # `pretrain --help` runs the real path: DeepSpeed's launcher -> launch/pretrain.py (one rank on CPU).
+def test_entrypoint_pretrain_runs_our_launcher(tmp_path):
+    # `pretrain --help` runs the real path: the echocare CLI's pretrain (our local launcher).
     result = _run([str(ENTRYPOINT), "pretrain", "--help"], env=_entry_env(), cwd=tmp_path, timeout=300)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
-    assert "--config" in out and "--set KEY=VALUE" in out, out
-    assert "launch.py" in out and "exits successfully" in out, "did not run under the DeepSpeed launcher:\n" + out
+    assert "usage: echocare pretrain" in out and "--nproc" in out and "--config" in out, out
+
+
+def test_build_image_script_checks():
+    script = REPO / "scripts" / "build_image.sh"
+    assert os.access(script, os.X_OK), f"{script} must be executable"
+    result = _run([_tool("shellcheck"), "--severity=style", str(script)])
+    assert result.returncode == 0, result.stdout
+    result = _run(["bash", str(script), "--help"])
+    assert result.returncode == 0 and "--base cuda|local-debian|IMAGE" in result.stdout, result.stdout
+    for bad, word in ((["--engine", "lxc"], "--engine lxc"), (["--user-uid", "x"], "--user-uid x"),
+                      (["--frobnicate"], "--frobnicate")):
+        result = _run(["bash", str(script), *bad])
+        assert result.returncode == 2 and word in result.stderr, (bad, result.stderr)

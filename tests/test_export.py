@@ -149,6 +149,19 @@ def test_timm_loads_export_with_pretrained_cfg_overlay(ckpts, tmp_path):
     torch.testing.assert_close(_probe_features(model, reference), reference["features"], rtol=0, atol=1e-6)
 
 
+def test_timm_local_dir_alone_reproduces_the_training_encoder(ckpts, tmp_path):
+    """timm's own layout of a real ZeRO-3 export: no arguments, the trained features, our data config."""
+    import timm
+    import timm.data
+    reference = torch.load(ckpts / "zero3_w1" / "reference.pt", weights_only=True)
+    meta = export_checkpoint(ckpts / "zero3_w1", tmp_path, progress=False)
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    torch.testing.assert_close(_probe_features(model, reference), reference["features"], rtol=0, atol=1e-6)
+    data = timm.data.resolve_data_config(model=model)
+    assert data["input_size"] == (1, meta["img_size"], meta["img_size"])
+    assert tuple(data["mean"]) == (meta["norm_mean"],) and tuple(data["std"]) == (meta["norm_std"],)
+
+
 def test_bf16_export_and_heads(ckpts, tmp_path):
     from safetensors.torch import load_file
     reference = torch.load(ckpts / "zero2_w1" / "reference.pt", weights_only=True)
@@ -244,9 +257,13 @@ def test_load_encoder_detects_corrupt_file(ckpts, tmp_path):
 
 def test_cli(ckpts, tmp_path, capsys):
     from echocare_dist.cli import main
-    assert main(["export", str(ckpts / "zero0_w1"), "--out", str(tmp_path / "cli out"), "--no-progress"]) == 0
-    assert "encoder.safetensors" in capsys.readouterr().out
+    assert main(["export", str(ckpts / "zero0_w1"), "--out", str(tmp_path / "cli out"), "--no-progress",
+                 "--license", "cc-by-4.0"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder.safetensors" in out and "model.safetensors" in out and "config.json" in out
     assert (tmp_path / "cli out" / META_FILE).is_file()
+    assert json.loads((tmp_path / "cli out" / "config.json").read_text())["pretrained_cfg"]["license"] == "cc-by-4.0"
+    assert "license: cc-by-4.0" in (tmp_path / "cli out" / "README.md").read_text()
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "no 'latest'" in capsys.readouterr().err
 

@@ -269,6 +269,40 @@ def test_export_never_runs_code_from_a_checkpoint(tmp_path, tiny_config):
     assert not evidence.exists()
 
 
+class OldEnumPickle:
+    """Pickles like Python 3.11.0-3.11.4 pickle an enum member: getattr(EnumClass, name)."""
+
+    def __init__(self, cls, name: str):
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return (getattr, (self.cls, self.name))
+
+
+def test_enum_members_pickled_through_getattr_load_and_nothing_else_does(tmp_path):
+    # The container's Python (3.11.2) writes DeepSpeed's ZeroStageEnum this way into every ZeRO
+    # optimizer file: such a checkpoint must load; a getattr reaching anything else must not.
+    import torch
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from echocare_dist.safe_load import check_pickle, torch_load_safe
+
+    good = tmp_path / "optim_states.pt"
+    torch.save({"zero_stage": OldEnumPickle(ZeroStageEnum, "gradients"), "w": torch.ones(2)}, good)
+    assert "builtins.getattr" in check_pickle(good)
+    loaded = torch_load_safe(good)
+    assert loaded["zero_stage"] is ZeroStageEnum.gradients and torch.equal(loaded["w"], torch.ones(2))
+    evidence = tmp_path / "code ran"
+    for name, payload in (("not_a_member", OldEnumPickle(ZeroStageEnum, "__init__")),
+                          ("not_an_enum", OldEnumPickle(LossScaler, "__init__")),
+                          ("chained", (OldEnumPickle(ZeroStageEnum, "gradients"), RunsCode(str(evidence))))):
+        bad = tmp_path / f"{name}.pt"
+        torch.save({"x": payload}, bad)
+        with pytest.raises(ExportError, match="refusing"):
+            check_pickle(bad)
+    assert not evidence.exists()
+
+
 def test_every_torch_load_has_weights_only_true():
     import ast
     offenders, calls = [], 0

@@ -18,6 +18,7 @@ import pytest
 from data_fixtures import loader_config, take, write_shards
 from echocare_dist.config import load_config
 from echocare_dist.curation import CurationError, build_shards, verify_shards
+from echocare_dist.curation.deid import default_map_path, originals
 from echocare_dist.curation.outdir import LOCK_NAME, build_lock
 from echocare_dist.curation.report import format_summary
 from echocare_dist.data import build_loader
@@ -74,6 +75,8 @@ def _digests(folder: Path) -> dict[str, bytes]:
 
 def _copy(built, dst: Path) -> Path:
     shutil.copytree(built[0], dst)
+    # A de-identified set moves with its path map (its salt): the rebuild then keeps every key.
+    shutil.copy2(default_map_path(built[0]), default_map_path(dst))
     return dst
 
 
@@ -194,7 +197,8 @@ def test_builder_writes_the_checksum_of_every_sample(built):
 def test_truncated_video_is_recorded_with_its_frames_kept(built):
     out, manifest = built
     truncated = manifest.rejected["truncated_video"]
-    assert truncated["count"] == 1 and truncated["paths"][0].endswith("loop cut.avi")
+    original = originals(out)  # de-identified by default: ids, the path map names the files
+    assert truncated["count"] == 1 and original[truncated["paths"][0]].endswith("loop cut.avi")
     assert "frames its header states" in truncated["details"][0]["detail"]
     frames = {}
     from echocare_dist.shardfmt import ShardReader
@@ -202,7 +206,7 @@ def test_truncated_video_is_recorded_with_its_frames_kept(built):
         with ShardReader(out / entry.name) as reader:
             for i in range(len(reader)):
                 prov = json.loads(reader.read(i)["json"])
-                frames.setdefault(prov["path"], []).append(prov["frame"])
+                frames.setdefault(Path(original[prov["path"]]).name, []).append(prov["frame"])
     assert sorted(frames["loop intact.avi"]) == [0, 10, 20]
     assert 0 in frames["loop cut.avi"]  # what could be read is kept
 
@@ -244,7 +248,7 @@ def test_non_utf8_file_name_is_printed_safely(tmp_path, ontology, capsys):
     mapping.write_text(f"sources:\n  - {{name: s, root: {str(images)!r}, labels: [kidney]}}\n")
     from echocare_dist.cli import main
     rc = main(["shards", "build", "--config", "tiny_cpu", "--mapping", str(mapping), "--out", str(tmp_path / "o"),
-               "--no-progress"])
+               "--no-progress", "--set", "curation.deid=false"])  # de-identified, no name is printed at all
     out = capsys.readouterr().out
     assert rc == 0
     assert "scan \\xff\\xfe.png" in out

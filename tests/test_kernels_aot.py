@@ -31,6 +31,8 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90(repo_root, tmp_path):
     # Both patch sizes of the presets and all three float dtypes are among the compiled variants.
     fwd = [r for r in records if r["kernel"] == "_masked_l1_fwd_kernel"]
     assert {r["constexprs"]["PATCH"] for r in fwd} >= {2, 4}
+    # ...and the forward that also writes per-mask-patch sums (hard patch mining) at every preset's mask patch.
+    assert {r["constexprs"]["SUM_PATCH"] for r in fwd} >= {0, 16, 32}
     assert {r["signature"]["pred_ptr"] for r in fwd} == {"*fp32", "*bf16", "*fp16"}
     assert {r["signature"]["z_ptr"] for r in records if r["kernel"] == "_hier_fwd_kernel"} == {"*fp32", "*bf16", "*fp16"}
     # Spill gate: every variant of every preset x dtype x arch fits in registers (sm_80 / sm_90:

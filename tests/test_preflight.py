@@ -57,7 +57,7 @@ def test_message_lists_every_problem_with_key_and_value():
 
 def test_a_good_setup_passes_every_check(tmp_path, shards):
     assert [c.name for c in CHECKS] == ["config", "ontology", "shards", "run_dir", "run_dir_lock", "tracking", "device",
-                                        "cuda"]
+                                        "cuda", "rendezvous"]
     run_preflight(config(tmp_path, shards), environ={})
     assert not (tmp_path / "run").exists(), "the pre-flight must not create the run directory"
     assert list(tmp_path.iterdir()) == [], "the write probe must leave nothing behind"
@@ -293,3 +293,93 @@ def test_every_rank_under_torchrun_stops_at_the_preflight(tmp_path):
     assert f'File "{REPO / "echocare_dist"}' not in result.stderr, "a rank died with a traceback: " + result.stderr
     assert "accelerator" not in result.stdout + result.stderr, "DeepSpeed must not even be imported"
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ several ranks (preflight_ranks.py)
+def _rank_env(rank: int, world: int, port: int, **extra: str) -> dict:
+    return dict(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **extra)
+
+
+def test_unresolvable_node_list_is_named_with_the_host(tmp_path, shards):
+    env = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "echocare-missing[1-2]",
+           "SLURM_JOB_ID": "7"}
+    found = [p for p in find_problems(config(tmp_path, shards), environ=env) if p.key == "SLURM_STEP_NODELIST"]
+    assert len(found) == 1, found
+    assert found[0].value == "echocare-missing[1-2]"
+    assert "'echocare-missing1' cannot be resolved on host " + socket.gethostname() in found[0].reason
+
+
+def test_world_size_that_disagrees_with_srun_is_refused(tmp_path, shards):
+    env = dict(_rank_env(1, 3, free_port()), SLURM_PROCID="1", SLURM_STEP_NUM_TASKS="2")
+    found = [p for p in find_problems(config(tmp_path, shards), environ=env) if p.key == "WORLD_SIZE"]
+    assert len(found) == 1 and "Slurm started 2 tasks" in found[0].reason, found
+    # torchrun under srun has ranks of its own: not a mismatch.
+    env["TORCHELASTIC_RUN_ID"] = "x"
+    assert not [p for p in find_problems(config(tmp_path, shards), environ=env) if p.key == "WORLD_SIZE"]
+
+
+def _roll_call_all(envs: list[dict], problems: list[list], timeout_s: float = 20.0) -> list:
+    """roll_call of every rank at once (threads: TCPStore clients of one process work like processes)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from echocare_dist import launch_env, preflight_ranks
+    with ThreadPoolExecutor(len(envs)) as pool:
+        futures = [pool.submit(preflight_ranks.roll_call, env, own, timeout_s) for env, own in zip(envs, problems)]
+        results = [f.result(timeout=timeout_s + 10) for f in futures]
+    launch_env.take_store()  # a clean roll call hands a store over; nothing here builds a group on it
+    return results
+
+
+def test_roll_call_of_agreeing_ranks_passes_and_hands_the_store_over():
+    from echocare_dist import launch_env, preflight_ranks
+    port = free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        handed = []
+        mp.setattr(launch_env, "hand_over_store", handed.append)
+        results = _roll_call_all([_rank_env(r, 2, port) for r in range(2)], [[], []])
+    assert results == [[], []]
+    assert len(handed) == 2, "each rank keeps its connected store for the process group"
+    # A world of one has nobody to call: the problems come back untouched, no store, no torch needed.
+    assert preflight_ranks.roll_call({}, [("k", "v", "r")], 5.0) == [("k", "v", "r")]
+
+
+def test_roll_call_reports_one_hosts_problem_on_every_rank():
+    port, host = free_port(), socket.gethostname()
+    problem = ("train.run_dir", "/shared/run", "/shared/run is not writable (Read-only file system)")
+    results = _roll_call_all([_rank_env(r, 2, port) for r in range(2)], [[], [problem]])
+    for got in results:
+        assert got == [(problem[0], problem[1], f"{problem[2]} [rank 1 on host {host}]")], got
+
+
+def test_roll_call_merges_the_same_problem_of_several_ranks():
+    port, host = free_port(), socket.gethostname()
+    problem = ("data.shards", "/x", "no such directory (/x)")
+    # Values need not be strings (a Path here): they travel as text.
+    as_path = (problem[0], Path(problem[1]), problem[2])
+    results = _roll_call_all([_rank_env(r, 2, port) for r in range(2)], [[as_path], [problem]])
+    assert results[0] == results[1] == [("data.shards", "/x", f"no such directory (/x) [ranks 0, 1 on host {host}]")]
+
+
+def test_roll_call_refuses_mismatched_world_sizes_on_every_rank():
+    port, host = free_port(), socket.gethostname()
+    start = time.monotonic()
+    results = _roll_call_all([_rank_env(0, 2, port), _rank_env(1, 3, port)], [[], []])
+    assert time.monotonic() - start < 15, "a mismatch is seen when the entry arrives, not after the timeout"
+    for got in results:
+        assert [p[0] for p in got] == ["WORLD_SIZE"], got
+        assert f"rank 1 on host {host} has WORLD_SIZE=3 but rank 0 on host {host} has 2" in got[0][2]
+
+
+def test_roll_call_names_a_master_port_in_use_and_a_rank_that_never_came():
+    host = socket.gethostname()
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        from echocare_dist import preflight_ranks
+        got = preflight_ranks.roll_call(_rank_env(0, 2, port), [], 5.0)
+    assert [p[0] for p in got] == ["MASTER_PORT"], got
+    assert f"port {port} is already in use on host {host}" in got[0][2]
+    start = time.monotonic()
+    got = preflight_ranks.roll_call(_rank_env(0, 2, free_port()), [], 2.0)
+    assert time.monotonic() - start < 10
+    assert [p[0] for p in got] == ["train.dist_timeout_s"] and "rank(s) [1] of 2 did not reach" in got[0][2], got

@@ -25,7 +25,8 @@ from echocare_dist.synth.patterns import sector_frame
 from test_shards_data import make_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-OVERRIDES = ["curation.shard_max_samples=8", "curation.chunk_files=4"]
+# deid off: these tests check the original paths in the manifest (test_curation_deid.py: deid on)
+OVERRIDES = ["curation.shard_max_samples=8", "curation.chunk_files=4", "curation.deid=false"]
 
 
 def curation_config(**kw):
@@ -481,7 +482,7 @@ def test_cli_verify_inspect_and_bad_mapping(built, tmp_path):
         assert np.asarray(im).std() > 10  # not a blank canvas
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"sources:\n  - {{name: x, root: {str(out)!r}, labels: [kidnee]}}\n")
-    b = run("build", "--mapping", str(bad), "--out", str(tmp_path / "o"))
+    b = run("build", "--config", "tiny_cpu", "--mapping", str(bad), "--out", str(tmp_path / "o"))
     assert b.returncode == 2 and "'kidnee'" in b.stderr and str(bad) in b.stderr
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)

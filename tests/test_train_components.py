@@ -374,7 +374,7 @@ def test_unreachable_tracking_server_fails_at_start(tmp_path):
 def test_reconstruction_grid_layout():
     from PIL import Image
 
-    from echocare_dist.train.images import reconstruction_grid
+    from echocare_dist.train.images import reconstruction_grid, title_band_height
     B, H, p = 3, 16, 4
     target = torch.rand(B, 1, H, H)
     mask = torch.zeros(B, H // p, H // p, dtype=torch.uint8)
@@ -382,7 +382,9 @@ def test_reconstruction_grid_layout():
     recon = torch.full_like(target, 0.25)
     png = reconstruction_grid((target - 0.5) / 0.5, mask, recon, target, 0.5, 0.5, rows=2)
     img = np.asarray(Image.open(io.BytesIO(png)))
-    assert img.shape == (2 * H + 2, 4 * H + 3 * 2)
+    band = title_band_height(H)  # column titles above the tiles
+    assert img.shape == (band + 2 * H + 2, 4 * H + 3 * 2)
+    img = img[band:]
     col = lambda c: img[:H, c * (H + 2):c * (H + 2) + H]  # noqa: E731
     expected_target = (target[0, 0] * 255).round().numpy()
     assert np.abs(col(0).astype(float) - expected_target).max() <= 1       # input, de-normalized

@@ -41,19 +41,22 @@ from ..shardfmt import (MANIFEST, MANIFEST_FORMAT, SHARD_RE, TAR_BLOCK, TAR_RECO
 from .mapping import Source, load_mappings
 from .media import discover
 from .conflicts import relabel
+from . import deid as deidmod
 from .conflicts import resolve as resolve_conflicts
 from .neardup import NearDuplicateIndex
 from .outdir import CurationError, build_lock, damaged_shards, keep_intact_shards
 from .preprocess import FrameParams
 from .screen import screen_files
 from .stage import ChunkTask, FileTask, init_worker, stage_chunk
+from . import valsplit
 
 log = logging.getLogger(__name__)
 
 STAGING_NAME = ".staging"
-# truncated_video: recorded with its frames kept (media.py); too_large: over curation.max_pixels.
+# truncated_video: recorded with its frames kept (media.py); too_large: over curation.max_pixels;
+# unsupported_codec: a DICOM syntax nothing installed decodes (dicom_codecs.py), not damage.
 REJECT_REASONS = ("corrupt", "too_few_pixels", "duplicate", "near_duplicate", "truncated_video", "too_large",
-                  "mask_like", "crop_failed")
+                  "mask_like", "crop_failed", "unsupported_codec")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,34 +70,40 @@ class Inputs:
     chunks: list[ChunkTask]
     source_files: dict[str, int] = field(default_factory=dict)
     excluded: list[str] = field(default_factory=list)   # by the mapping's `exclude:` globs
+    public: list[str] = field(default_factory=list)     # per file: its path as the manifest shows it (deid.py)
+    deid: "deidmod.Deid | None" = None
 
 
 def collect_inputs(sources: list[Source], cfg: Config, ontology: Ontology, staging: Path,
-                   exclude: tuple[Path, ...]) -> Inputs:
+                   exclude: tuple[Path, ...], deid: "deidmod.Deid | None" = None) -> Inputs:
     c = cfg.curation
     files: list[FileTask] = []
     ignored: list[str] = []
     source_files: dict[str, int] = {}
     excluded: list[str] = []
+    public: list[str] = []
     for src in sources:
         media, skipped = discover(src.root, exclude=exclude)
-        ignored += skipped
+        ignored += deidmod.public_paths(deid, src, skipped)
         media, left_out = screen_files(src, media, c.mask_name_patterns)
-        excluded += left_out
+        excluded += deidmod.public_paths(deid, src, left_out)
         source_files[src.name] = len(media)
         stride = src.frame_stride or c.frame_stride
         for m, mask_name in media:
             files.append(FileTask(len(files), src.name, str(m.path), m.relpath, m.kind, stride,
                                   src.labels_for(m.relpath), src.device, m.size, m.mtime_ns,
-                                  mask_name=mask_name, mask_check=not src.allow_mask_like))
+                                  mask_name=mask_name, mask_check=not src.allow_mask_like,
+                                  public_path=deid.path_id(src.name, m.relpath) if deidmod.hides(deid, src) else ""))
+            public.append(files[-1].public_path or str(m.path))
     vectors = {labels: ontology.label_vector(labels).tobytes() for labels in {f.labels for f in files}}
     params = FrameParams.from_config(c)
     chunks = []
     for start in range(0, len(files), c.chunk_files):
         part = tuple(files[start:start + c.chunk_files])
         chunks.append(ChunkTask(len(chunks), part, params, ontology.hash,
-                                {f.labels: vectors[f.labels] for f in part}, str(staging / "chunks")))
-    return Inputs(sources, files, ignored, chunks, source_files, excluded)
+                                {f.labels: vectors[f.labels] for f in part}, str(staging / "chunks"),
+                                key_salt=deid.salt if deid is not None else ""))
+    return Inputs(sources, files, ignored, chunks, source_files, excluded, public, deid)
 
 
 def build_fingerprint(inputs: Inputs, cfg: Config, ontology: Ontology) -> str:
@@ -102,7 +111,7 @@ def build_fingerprint(inputs: Inputs, cfg: Config, ontology: Ontology) -> str:
     blob = json.dumps({"format": MANIFEST_FORMAT, "ontology": ontology.hash,
                        "chunks": [t.digest for t in inputs.chunks],
                        "plan": [c.near_dedup, c.near_dedup_similarity, c.seed, c.shard_max_samples,
-                                c.shard_max_bytes, c.label_conflict]}, separators=(",", ":"))
+                                c.shard_max_bytes, c.label_conflict, c.val_fraction]}, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -110,8 +119,8 @@ def build_fingerprint(inputs: Inputs, cfg: Config, ontology: Ontology) -> str:
 # stage 1
 # ---------------------------------------------------------------------------------------------
 def _progress(total: int, desc: str, unit: str, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+    from ..progress import progress_bar
+    return progress_bar(total=total, desc=desc, unit=unit, enabled=enabled)
 
 
 def stage_all(chunks: list[ChunkTask], workers: int, progress: bool) -> None:
@@ -172,6 +181,9 @@ class Plan:
     source_detail: list
     relabel: dict = field(default_factory=dict)          # sample -> (labels, label bytes): conflicts settled
     label_conflicts: list = field(default_factory=list)
+    val: "Plan | None" = None                           # the validation hold-out (valsplit.py)
+    val_groups: dict = field(default_factory=dict)      # held-out sample -> its group id
+    text_flagged: list = field(default_factory=list)    # kept samples with burned-in text [{key, path, frame, boxes}]
 
 
 def _as_numpy(values: array, dtype) -> np.ndarray:
@@ -179,7 +191,7 @@ def _as_numpy(values: array, dtype) -> np.ndarray:
 
 
 def _sample_ref(inputs: Inputs, file_id: int, frame) -> dict:
-    return {"path": inputs.files[file_id].path, "frame": frame}
+    return {"path": inputs.public[file_id], "frame": frame}
 
 
 def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
@@ -190,11 +202,14 @@ def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
     offset, file_id, frames = array("q"), array("q"), array("q")  # frame -1 = a still image
     rejected = {r: [] for r in REJECT_REASONS}
     rejected_per_source: dict[str, int] = {s.name: 0 for s in inputs.sources}
+    text_boxes: dict[int, list] = {}   # staged sample -> burned-in text boxes (stage.py)
     for t in inputs.chunks:
         meta = json.loads(t.meta_path.read_text())
         for fe in meta["files"]:
             fid = fe["id"]
-            for key, ph, off, lj, ll, ls, fr in fe["samples"]:
+            for key, ph, off, lj, ll, ls, fr, *text in fe["samples"]:
+                if text and text[0]:
+                    text_boxes[len(keys)] = text[0]
                 keys.append(int(key, 16))
                 phashes.append(int(ph, 16))
                 chunk.append(t.index)
@@ -204,7 +219,9 @@ def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
                 frames.append(-1 if fr is None else fr)
             for reason, fr, detail in fe["rejected"]:
                 item = _sample_ref(inputs, fid, fr)
-                item["error" if reason == "corrupt" else "detail"] = detail
+                f = inputs.files[fid]
+                item["error" if reason == "corrupt" else "detail"] = deidmod.scrub(detail, f.path, f.relpath,
+                                                                                    inputs.public[fid])
                 rejected[reason].append(item)
                 rejected_per_source[inputs.files[fid].source] += 1
     n = len(keys)
@@ -243,17 +260,29 @@ def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
                                              c.label_conflict)
 
     kept = np.flatnonzero(keep)
-    per_source = {s.name: 0 for s in inputs.sources}
-    label_counts: dict[tuple, int] = {}
-    for i in kept:
-        f = inputs.files[int(file_a[i])]
-        labels = overrides.get(int(i), f.labels)
-        per_source[f.source] += 1
-        label_counts[labels] = label_counts.get(labels, 0) + 1
-    positives = np.zeros(len(ontology), dtype=np.int64)
-    for labels, count in label_counts.items():
-        positives += (ontology.label_vector(labels) == 1).astype(np.int64) * count
-    per_node = {name: int(v) for name, v in zip(ontology.names, positives)}
+    text_flagged = [{"key": f"{int(keys_a[i]):016x}", **ref(int(i)), "boxes": text_boxes[int(i)]}
+                    for i in kept if int(i) in text_boxes]
+    held = np.zeros(len(kept), dtype=bool)
+    if c.val_fraction > 0:
+        groups = valsplit.sample_groups(file_a[kept], [phashes[i] for i in kept], c.near_dedup_similarity)
+        held = valsplit.choose_held_out(groups, [inputs.files[int(file_a[i])].source for i in kept],
+                                        keys_a[kept], c.val_fraction, c.seed)
+        val_groups = {int(kept[p]): int(kept[groups[p]]) for p in np.flatnonzero(held)}
+    val_kept, kept = kept[held], kept[~held]
+
+    def tally(samples: np.ndarray) -> tuple[dict, dict]:
+        per_source = {s.name: 0 for s in inputs.sources}
+        label_counts: dict[tuple, int] = {}
+        for i in samples:
+            f = inputs.files[int(file_a[i])]
+            labels = overrides.get(int(i), f.labels)
+            per_source[f.source] += 1
+            label_counts[labels] = label_counts.get(labels, 0) + 1
+        positives = np.zeros(len(ontology), dtype=np.int64)
+        for labels, count in label_counts.items():
+            positives += (ontology.label_vector(labels) == 1).astype(np.int64) * count
+        return per_source, {name: int(v) for name, v in zip(ontology.names, positives)}
+    per_source, per_node = tally(kept)
 
     lengths_a = _as_numpy(lengths, np.int32).reshape(-1, 3)
     order = kept[np.random.default_rng(c.seed).permutation(len(kept))]
@@ -263,13 +292,22 @@ def plan_shards(inputs: Inputs, cfg: Config, ontology: Ontology) -> Plan:
                       "frame_stride": s.frame_stride or c.frame_stride, "labels": list(s.labels),
                       "files": inputs.source_files[s.name], "samples": per_source[s.name],
                       "rejected": rejected_per_source[s.name]} for s in inputs.sources]
+    source_detail = [deidmod.public_source(d, s, inputs.deid) for d, s in zip(source_detail, inputs.sources)]
     rejected_out = {}
     for reason, items in rejected.items():
         rejected_out[reason] = {"count": len(items), "paths": list(dict.fromkeys(i["path"] for i in items)),
                                 "details": items}
     relabel = {i: (labels, ontology.label_vector(labels).tobytes()) for i, labels in overrides.items()}
-    return Plan(keys_a, _as_numpy(chunk, np.int32), _as_numpy(offset, np.int64), lengths_a,
-                shards, rejected_out, per_source, per_node, source_detail, relabel, conflicts)
+    plan = Plan(keys_a, _as_numpy(chunk, np.int32), _as_numpy(offset, np.int64), lengths_a,
+                shards, rejected_out, per_source, per_node, source_detail, relabel, conflicts,
+                text_flagged=text_flagged)
+    if c.val_fraction > 0:  # even when nothing could be held out: an empty val set says so
+        val_order = val_kept[np.random.default_rng([c.seed, 1]).permutation(len(val_kept))]
+        plan.val = Plan(plan.keys, plan.chunk, plan.offset, lengths_a,
+                        _cut(val_order, lengths_a, c.shard_max_samples, c.shard_max_bytes), {}, *tally(val_kept),
+                        [], relabel)
+        plan.val_groups = val_groups
+    return plan
 
 
 def _cut(order: np.ndarray, lengths: np.ndarray, max_samples: int, max_bytes: int) -> list[np.ndarray]:
@@ -433,16 +471,20 @@ def _build(sources: list[Source], out_dir: Path, cfg: Config, ontology: Ontology
            verify: bool = False) -> Manifest:
     c = cfg.curation
     staging = staging_dir(cfg, out_dir)
-    inputs = collect_inputs(sources, cfg, ontology, staging, exclude=(out_dir, staging))
+    deid = deidmod.open_deid(out_dir, c.deid, c.deid_map)
+    inputs = collect_inputs(sources, cfg, ontology, staging, exclude=(out_dir, staging), deid=deid)
+    if deid is not None:  # first: staged chunks carry its salt, so a crashed build resumes with it
+        deidmod.write_path_map(deid, out_dir, sources)
     fingerprint = build_fingerprint(inputs, cfg, ontology)
 
     manifest = _manifest_up_to_date(out_dir, fingerprint, verify, staging / "shards")
-    if manifest is not None:
+    if manifest is not None and not valsplit.held_out_damaged(out_dir, manifest, c.val_fraction, verify, staging):
         log.info("%s: shards are up to date (%d samples in %d shards)", out_dir,
                  manifest.num_samples, len(manifest.shards))
         return manifest
     # The manifest is the commit point: from here on the directory is "being built".
     (out_dir / MANIFEST).unlink(missing_ok=True)
+    valsplit.clear_held_out(out_dir, c.val_fraction)
     _fsync_dir(out_dir)
     _remove_leftovers(out_dir, None)
 
@@ -470,9 +512,16 @@ def _build(sources: list[Source], out_dir: Path, cfg: Config, ontology: Ontology
         # What shaped the content (not how fast or where it was staged): a resumed build with
         # other worker counts still yields an identical manifest.
         curation={k: v for k, v in cfg.to_dict()["curation"].items()
-                  if k not in ("workers", "staging_dir", "chunk_files")},
+                  if k not in ("workers", "staging_dir", "chunk_files", "deid_map")},
         fingerprint=fingerprint,
+        deid=deidmod.manifest_section(deid, sources, c.burned_in_text, plan.text_flagged),
     )
+    if plan.val is not None:  # before the main manifest, the build's commit point
+        base = {k: getattr(manifest, k) for k in ("ontology_hash", "ontology_nodes", "ontology_names", "curation",
+                                                  "fingerprint", "deid")}
+        valsplit.write_held_out(out_dir, plan.val.shards,
+                                lambda d: write_all(plan.val, inputs.chunks, d, staging / valsplit.VAL_DIR, progress),
+                                plan.val_groups, plan.val.per_source, plan.val.per_node, base)
     save_resolved(cfg, out_dir)
     manifest.write(out_dir)
     shutil.rmtree(staging, ignore_errors=True)

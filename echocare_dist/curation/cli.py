@@ -1,4 +1,4 @@
-"""`echocare shards build | verify | inspect | audit`."""
+"""`echocare shards build | verify | inspect | audit | lookup`."""
 from __future__ import annotations
 
 import logging
@@ -63,17 +63,39 @@ def _inspect(args) -> int:
 
 
 def _audit(args) -> int:
-    from ..shardfmt import ShardError
-    from .audit import crop_audit
+    from ..shardfmt import Manifest, ShardError
+    from .audit import crop_audit, text_flagged
     try:
-        out, items = crop_audit(Path(args.shards), Path(args.out), num=args.num)
+        out, items = crop_audit(Path(args.shards), Path(args.out), num=args.num,
+                                map_path=Path(args.map) if args.map else None)
+        flagged = text_flagged(Manifest.read(Path(args.shards)))
     except (ShardError, ValueError) as exc:
         print(f"echocare shards audit: error: {exc}", file=sys.stderr)
         return 2
+    print(f"burned-in text: {len(flagged)} sample(s) flagged" + (":" if flagged else ""))
+    for f in flagged:
+        frame = f" frame {f['frame']}" if f.get("frame") is not None else ""
+        print(f"  {f['key']}  {f['path']}{frame}  boxes {f['boxes']}")
     failed = sum(it.crop is None for it in items)
     worst = next((it for it in items if it.crop is not None), None)
     print(f"crop audit: {out} ({len(items)} frames, worst first; {failed} crop_failed shown"
           + (f"; worst kept crop leaves out {worst.discarded:.1%}: {worst.path})" if worst else ")"))
+    return 0
+
+
+def _lookup(args) -> int:
+    from ..shardfmt import ShardError
+    from .deid import lookup
+    from .outdir import CurationError
+    from .report import printable
+    try:
+        found = lookup(Path(args.shards), args.ids, Path(args.map) if args.map else None)
+    except (CurationError, ShardError) as exc:
+        print(f"echocare shards lookup: error: {printable(str(exc))}", file=sys.stderr)
+        return 2
+    for ident, f in found.items():
+        frame = f"\tframe {f['frame']}" if "frame" in f else ""
+        print(printable(f"{ident}\t{f['source']}\t{f['path']}{frame}"))
     return 0
 
 
@@ -83,7 +105,7 @@ def register(sub) -> None:
     ssub = p.add_subparsers(dest="shards_command", required=True)
 
     b = ssub.add_parser("build", help="curate label-mapped sources into shuffled shards + manifest")
-    add_config_args(b)
+    add_config_args(b, required=True)
     b.add_argument("--mapping", "-m", action="append", required=True, metavar="YAML",
                    help="label mapping file (repeatable)")
     b.add_argument("--out", "-o", required=True, help="shard directory (created; reruns resume)")
@@ -112,4 +134,12 @@ def register(sub) -> None:
     a.add_argument("shards", help="shard directory")
     a.add_argument("--out", "-o", default="audit.png", help="PNG path (default: %(default)s)")
     a.add_argument("--num", "-n", type=int, default=24, help="frames on the sheet (default: %(default)s)")
+    a.add_argument("--map", help="the restricted path map of a de-identified set (default: DIR.paths.json)")
     a.set_defaults(func=_audit)
+
+    k = ssub.add_parser("lookup", help="original file of sample keys / path ids of a de-identified shard set "
+                                       "(needs read access to its restricted path map)")
+    k.add_argument("shards", help="shard directory")
+    k.add_argument("ids", nargs="+", metavar="ID", help="sample key (16 hex) or path id (24 hex)")
+    k.add_argument("--map", help="the path map (default: DIR.paths.json beside the shard directory)")
+    k.set_defaults(func=_lookup)

@@ -16,6 +16,7 @@ source default):
         csv: "labels.csv"           # optional, relative to root: columns path,labels (';'-separated)
         exclude: ["masks/**", "*_overlay.png"]  # optional: files never read (globs, as for rules)
         allow_mask_like: false      # optional: true keeps files that look like segmentation masks
+        deid: false                 # optional: already-public data keeps its paths (docs/deid.md)
     exclude: ["**/Thumbs.db", "**/annotations/**"]  # optional: excluded from every source above
 
 Excluded files are not decoded and not counted as rejected (the manifest lists them under
@@ -42,7 +43,8 @@ import yaml
 from ..config import ConfigError
 from ..ontology import Ontology
 
-SOURCE_KEYS = {"name", "root", "labels", "device", "frame_stride", "rules", "csv", "exclude", "allow_mask_like"}
+SOURCE_KEYS = {"name", "root", "labels", "device", "frame_stride", "rules", "csv", "exclude", "allow_mask_like",
+               "deid"}
 TOP_KEYS = {"sources", "exclude"}
 RULE_KEYS = {"glob", "labels"}
 
@@ -77,6 +79,7 @@ class Source:
     csv_labels: dict = field(default_factory=dict, compare=False, repr=False)
     exclude: tuple[Rule, ...] = ()     # globs (per source and the mapping's global ones)
     allow_mask_like: bool = False
+    deid: bool = True                  # false: public data, paths kept (curation.deid=false turns all off)
 
     def excluded(self, relpath: str) -> str | None:
         """The exclude glob that matches `relpath`, or None."""
@@ -196,10 +199,13 @@ def _load_source(entry, i: int, mapping: Path, ontology: Ontology, global_exclud
     allow = entry.get("allow_mask_like", False)
     if not isinstance(allow, bool):
         raise MappingError(f"{where}: allow_mask_like must be true or false, got {allow!r}")
+    deid = entry.get("deid", True)
+    if not isinstance(deid, bool):
+        raise MappingError(f"{where}: deid must be true or false, got {deid!r}")
     return Source(name=name, root=root.resolve(), labels=_node_list(entry.get("labels"), where, ontology),
                   mapping=mapping, device=device, frame_stride=stride, rules=tuple(rules),
                   csv_labels=csv_labels, exclude=_globs(entry.get("exclude"), f"{where}: exclude") + global_exclude,
-                  allow_mask_like=allow)
+                  allow_mask_like=allow, deid=deid)
 
 
 def load_mapping(path: str | Path, ontology: Ontology) -> list[Source]:

@@ -8,7 +8,9 @@ What a decoder raises instead of yielding (stage.py records it under its reason)
 - Rejected("too_large") before any decoding, when the header's width x height exceeds
   `max_pixels` (curation.max_pixels): the cost of a decode grows with the pixels, not the file size;
 - Rejected("truncated_video") after the last frame, when a video ends before the frame count its
-  header states (a copy cut off halfway): the frames decoded so far are kept.
+  header states (a copy cut off halfway): the frames decoded so far are kept;
+- Rejected("unsupported_codec") before any decoding, when a DICOM's transfer syntax has no decoder
+  here (dicom_codecs.py; the `dicom` extra adds JPEG Lossless / JPEG-LS / JPEG 2000).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
+from .dicom_codecs import check_decodable
 from .preprocess import Rejected
 
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
@@ -230,6 +233,7 @@ def iter_dicom(path: Path, stride: int, max_pixels: int = 0) -> Iterator[tuple[i
     if "Rows" not in ds or "Columns" not in ds:
         raise ValueError("DICOM without image pixel data (Rows/Columns missing)")
     check_pixels(int(ds.Columns), int(ds.Rows), max_pixels)
+    check_decodable(ds)  # Rejected("unsupported_codec"), not "corrupt", when no plugin decodes it
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     indices = range(0, frames, stride)
     for i, frame in zip(indices, iter_pixels(str(path), indices=indices)):

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from ..config import CurationConfig
+from .burnedin import blank_boxes, find_text_boxes
 from .fov import FovParams, detect_fov
 
 
@@ -31,12 +32,14 @@ class FrameParams:
     max_discard: float = 0.05
     min_content: float = 0.01
     max_pixels: int = 0          # checked by the decoders (media.py) from the header; 0 = no cap
+    burned_in_text: str = "off"  # curation.burned_in_text: off | flag | blank (burnedin.py)
 
     @classmethod
     def from_config(cls, c: CurationConfig) -> "FrameParams":
         return cls(c.dark_threshold, c.crop_margin, c.crop_component_fraction, c.crop_min_feature,
                    c.crop_min_texture, c.crop_blank_outside, c.min_nonzero, c.max_side, c.jpeg_quality,
-                   c.crop_max_discard, c.crop_min_content, max_pixels=c.max_pixels)
+                   c.crop_max_discard, c.crop_min_content, max_pixels=c.max_pixels,
+                   burned_in_text=c.burned_in_text)
 
     def fov(self) -> FovParams:
         return FovParams(self.dark_threshold, self.crop_margin, self.min_feature, self.min_texture,
@@ -54,6 +57,7 @@ class Frame:
     height: int
     crop: tuple[int, int, int, int]  # x0, y0, x1, y1 in the decoded frame
     discarded: float = 0.0    # share of the frame's textured content outside the crop (audit)
+    text_boxes: tuple = ()    # burned-in text found inside the crop, (x0, y0, x1, y1) in the decoded frame
 
 
 class Rejected(Exception):
@@ -117,10 +121,14 @@ def curate_frame(gray: np.ndarray, p: FrameParams) -> Frame:
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise ValueError(f"expected a 2-D uint8 frame, got {gray.dtype} {gray.shape}")
     cropped, box, discarded = crop_content(gray, p)
+    text = find_text_boxes(cropped) if p.burned_in_text != "off" else []
+    if text and p.burned_in_text == "blank":
+        cropped = blank_boxes(cropped, text)  # before hashing: a blanked copy dedupes like its twin
     nonzero = cv2.countNonZero(cropped)
     if nonzero < p.min_nonzero:
         raise Rejected("too_few_pixels", f"{nonzero} non-zero pixels < curation.min_nonzero={p.min_nonzero}")
     key = pixel_key(cropped)
     small = downscale(cropped, p.max_side)
     return Frame(key=key, phash=phash64(small), jpeg=encode_jpeg(small, p.jpeg_quality),
-                 width=int(small.shape[1]), height=int(small.shape[0]), crop=box, discarded=discarded)
+                 width=int(small.shape[1]), height=int(small.shape[0]), crop=box, discarded=discarded,
+                 text_boxes=tuple((x0 + box[0], y0 + box[1], x1 + box[0], y1 + box[1]) for x0, y0, x1, y1 in text))

@@ -24,11 +24,12 @@ from pathlib import Path
 
 from ..atomic import atomic_open, atomic_write_json
 from ..shardfmt import CHECKSUM_KEY, jpg_checksum
+from .deid import dicom_metadata, salt_id, sample_key
 from .media import iter_frames
 from .preprocess import FrameParams, Rejected, curate_frame
 from .screen import check_mask_content
 
-STAGE_FORMAT = 2   # 2: provenance carries the .jpg checksum (shardfmt CHECKSUM_KEY)
+STAGE_FORMAT = 3   # 2: provenance carries the .jpg checksum (shardfmt CHECKSUM_KEY); 3: de-identification
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,7 @@ class FileTask:
     mtime_ns: int
     mask_name: str = ""      # the curation.mask_name_patterns glob its name matches: rejected undecoded
     mask_check: bool = True  # test decoded still images for mask-like content (off: allow_mask_like)
+    public_path: str = ""    # the provenance's `path` when de-identified (a path id, deid.py); "" = relpath
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,15 @@ class ChunkTask:
     ontology_hash: str
     label_bytes: dict          # labels tuple -> closed int8 label vector bytes
     directory: str
+    key_salt: str = ""         # de-identification: sample keys are keyed hashes of the pixel hash (deid.py)
 
     @cached_property
     def digest(self) -> str:
         blob = json.dumps([STAGE_FORMAT, asdict(self.params), self.ontology_hash,
                            [[f.source, f.path, f.relpath, f.kind, f.stride, list(f.labels), f.device,
-                             f.size, f.mtime_ns, self.label_bytes[f.labels].hex(), f.mask_name, f.mask_check]
-                            for f in self.files]],
+                             f.size, f.mtime_ns, self.label_bytes[f.labels].hex(), f.mask_name, f.mask_check,
+                             f.public_path]
+                            for f in self.files], salt_id(self.key_salt) if self.key_salt else ""],
                           separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -86,12 +90,20 @@ class ChunkTask:
             return False
 
 
-def _provenance(f: FileTask, frame_index, frame, orig_shape, ontology_hash: str) -> bytes:
-    prov = {"source": f.source, "path": f.relpath, "frame": frame_index, "labels": list(f.labels),
+def _provenance(f: FileTask, frame_index, frame, orig_shape, ontology_hash: str, dicom: dict | None,
+                text_action: str) -> bytes:
+    prov = {"source": f.source, "path": f.public_path or f.relpath, "frame": frame_index, "labels": list(f.labels),
             "width": frame.width, "height": frame.height, "crop": list(frame.crop),
             "crop_discarded": round(frame.discarded, 4),
             "orig_width": int(orig_shape[1]), "orig_height": int(orig_shape[0]),
             "device": f.device, "ontology_hash": ontology_hash, CHECKSUM_KEY: jpg_checksum(frame.jpeg)}
+    if f.public_path:
+        prov["deid"] = True
+    if dicom:
+        prov["dicom"] = dicom
+    if frame.text_boxes:
+        prov["text_boxes"] = [list(b) for b in frame.text_boxes]
+        prov["text_blanked"] = text_action == "blank"
     return json.dumps(prov, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -113,6 +125,7 @@ def stage_chunk(task: ChunkTask) -> tuple[int, int]:
                 files_meta.append(entry)
                 continue
             frames, frame_index = iter_frames(Path(f.path), f.kind, f.stride, task.params.max_pixels), None
+            dicom = dicom_metadata(f.path) if f.kind == "dicom" else None  # the allow-listed tags only
             while True:
                 # Only decoding and curating are guarded: a failing write (disk full) must stop
                 # the build, not be blamed on the file.
@@ -130,12 +143,15 @@ def stage_chunk(task: ChunkTask) -> tuple[int, int]:
                     where = f" (after frame {frame_index})" if frame_index is not None else ""
                     entry["rejected"].append(["corrupt", None, f"{type(exc).__name__}: {exc}{where}"[:500]])
                     break
-                prov = _provenance(f, frame_index, frame, gray.shape, task.ontology_hash)
+                prov = _provenance(f, frame_index, frame, gray.shape, task.ontology_hash, dicom,
+                                   task.params.burned_in_text)
+                key = sample_key(task.key_salt, frame.key) if task.key_salt else frame.key
                 fh.write(frame.jpeg)
                 fh.write(lbl)
                 fh.write(prov)
-                entry["samples"].append([frame.key, f"{frame.phash:016x}", offset,
-                                         len(frame.jpeg), len(lbl), len(prov), frame_index])
+                entry["samples"].append([key, f"{frame.phash:016x}", offset,
+                                         len(frame.jpeg), len(lbl), len(prov), frame_index,
+                                         [list(b) for b in frame.text_boxes]])
                 offset += len(frame.jpeg) + len(lbl) + len(prov)
                 n_samples += 1
             files_meta.append(entry)

@@ -8,7 +8,8 @@ Checks, each reported as a readable problem rather than an exception:
   the .jpg matches the checksum its provenance records (shardfmt CHECKSUM_KEY);
   the JPEG decodes to 8-bit grayscale of the size the provenance states; the label vector has
   C entries in {-1, 0, 1}, and (given the ontology) equals the closure of the provenance labels;
-  the ontology hash matches everywhere;
+  the ontology hash matches everywhere; in a de-identified set (manifest `deid`), every sample of
+  a hidden source stores a path id, never a path (docs/deid.md);
 - per-source and per-node counts recomputed from the samples equal the manifest's.
 Whatever a damaged file does (offsets 0 or past the end, garbage, wrong counts, unreadable), it
 is a finding of its shard, never an exception out of `verify_shards`.
@@ -29,6 +30,7 @@ from ..atomic import file_sha256
 from ..ontology import Ontology
 from ..shardfmt import (PROVENANCE_KEYS, SAMPLE_EXTS, SAMPLE_KEY_RE, SHARD_RE, Manifest, SampleError, ShardEntry,
                         ShardError, ShardReader, checksum_problem, index_text, keys_digest)
+from .deid import PATH_ID_RE
 
 MAX_PROBLEMS_PER_SHARD = 20
 
@@ -62,7 +64,7 @@ class VerifyReport:
 
 
 def verify_shard(tar: Path, entry: ShardEntry, num_nodes: int, ontology_hash: str,
-                 ontology: Ontology | None) -> dict:
+                 ontology: Ontology | None, hidden_sources: frozenset = frozenset()) -> dict:
     """Check one tar + index against its manifest entry; returns problems and what it holds."""
     problems: list[str] = []
     out = {"problems": problems, "keys": [], "per_source": Counter(),
@@ -138,6 +140,9 @@ def verify_shard(tar: Path, entry: ShardEntry, num_nodes: int, ontology_hash: st
             if missing_keys:
                 bad(f"sample {key}: provenance lacks {missing_keys}")
                 continue
+            if prov["source"] in hidden_sources and not (prov.get("deid") and PATH_ID_RE.match(str(prov["path"]))):
+                bad(f"sample {key}: source {prov['source']!r} is de-identified, but the sample stores a path, "
+                    f"not a path id")
             if prov["ontology_hash"] != ontology_hash:
                 bad(f"sample {key}: ontology hash {prov['ontology_hash']} != {ontology_hash}")
             damaged = checksum_problem(data["jpg"], prov)
@@ -199,7 +204,9 @@ def verify_shards(shard_dir: Path, ontology: Ontology | None = None, workers: in
     on_disk = sorted(p.name for p in shard_dir.iterdir() if SHARD_RE.match(p.name) and p.suffix == ".tar")
     for extra in sorted(set(on_disk) - set(listed)):
         problems.append(f"{extra}: on disk but not in the manifest")
-    jobs = [(shard_dir / s.name, s, num_nodes, onto_hash, ontology) for s in manifest.shards]
+    deid = manifest.deid or {}
+    hidden = frozenset(deid.get("sources", [])) if deid.get("enabled") else frozenset()
+    jobs = [(shard_dir / s.name, s, num_nodes, onto_hash, ontology, hidden) for s in manifest.shards]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
             results = list(pool.map(_verify_shard_star, jobs))

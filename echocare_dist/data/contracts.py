@@ -10,7 +10,7 @@ The trainer only relies on `PretrainLoaderProtocol`, which any batch source can 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -30,6 +30,10 @@ class RawBatch(NamedTuple):
     jitter: torch.Tensor                 # float32 (B, 2): (brightness, contrast) for augment.apply_jitter
     labels: np.ndarray | torch.Tensor    # int8 (B, C)
     keys: list[str]
+    # int64 (B,) each sample's position in the epoch's list (listing.py), -1 for a sample read again
+    # (a stream's wrap-around, a rebuilt pipeline); None: the loader looks the keys up.
+    positions: np.ndarray | None = None
+    copies: np.ndarray | None = None     # int32 (B,) repeat number under a mixture (None: all 0)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,9 @@ class ReaderContext:
     micro_batch: int
     num_classes: int
     aug: AugmentParams
+    # The positions of the current epoch this rank has already returned (bool per position, None:
+    # none yet): a reader that maps keys to positions must not hand out a consumed one again.
+    consumed: Callable[[], np.ndarray | None] = lambda: None
 
 
 @runtime_checkable
@@ -97,5 +104,8 @@ class PretrainLoaderProtocol(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    def resume(self, states: list[dict]) -> None:
+        """Continue from every rank's `state_dict()` of a checkpoint, on any world size (data/resume.py)."""
 
     def close(self) -> None: ...

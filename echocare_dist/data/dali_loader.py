@@ -25,13 +25,18 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_text
 from ..shardfmt import split_name
 from .augment import AugmentParams, decode_gray
 from .contracts import RawBatch, ReaderContext
+from .listing import PositionLookup
 from .placement import decode_on_gpu
 from .shards import DataLoaderError, EpochPlan, SampleError, ShardError, TarReader, derive_seed
 
@@ -111,6 +116,10 @@ class DaliReader:
         self._generation = 0            # rebuilds in this epoch, part of the pipeline seed
         self._pipe_steps = 0            # batches produced by the current pipeline
         self._seen: set[str] = set()    # keys returned this epoch (known decodable)
+        self._lookup: PositionLookup | None = None   # key -> epoch position, for the current pipeline
+        self._plan_dir: Path | None = None  # filtered index files of a plan that is not whole tars
+        self._index_lines: dict[str, list[str]] = {}
+        self._reader_index = TarReader(ctx.num_classes)   # parsed indexes, for the keys of the plan
 
     def describe(self) -> str:
         return f"DALI ({'GPU mixed decode' if self.decode_device == 'mixed' else 'CPU'})"
@@ -125,9 +134,10 @@ class DaliReader:
             plan = self._plan.without(self._extra) if self._extra else self._plan
             parts = (d.seed, plan.epoch, ctx.world_size, ctx.rank, self._generation)
             try:
+                paths, index_paths, shard_id, num_shards = self._sources(plan)
                 self._pipe = build_pipeline(
-                    paths=[str(s.tar) for s in plan.shards], index_paths=[str(s.idx) for s in plan.shards],
-                    shard_id=ctx.rank, num_shards=ctx.world_size, aug=ctx.aug, decode_device=self.decode_device,
+                    paths=paths, index_paths=index_paths,
+                    shard_id=shard_id, num_shards=num_shards, aug=ctx.aug, decode_device=self.decode_device,
                     hw_decoder_load=d.hw_decoder_load, shuffle_buffer=d.shuffle_buffer,
                     reader_seed=derive_seed("dali-reader", *parts), use_mmap=d.use_mmap,
                     batch_size=ctx.micro_batch, num_threads=max(1, d.num_threads), device_id=self._device_id,
@@ -139,7 +149,57 @@ class DaliReader:
                 self._note_damage(damage)
                 continue
             self._pipe_plan = plan
+            positions = plan.positions()
+            keys = [self._index_keys(shard)[i] for shard, i in plan.refs(positions)]
+            self._lookup = PositionLookup(keys, positions, self.ctx.consumed())
             return
+
+    def _index_keys(self, shard) -> tuple[str, ...]:
+        return self._reader_index.index(shard).keys
+
+    def _sources(self, plan: EpochPlan) -> tuple[list[str], list[str], int, int]:
+        """(tars, index files, shard_id, num_shards) that make DALI read exactly this rank's samples.
+
+        A plan of whole tars is read through the tars' own index files, split by DALI itself (the
+        same split as the plan's). Any other (a mixture, the unconsumed rest of an epoch): DALI reads
+        only whole index files, so each run of the rank's samples in one tar gets an index file
+        listing just those samples, in plan order, and this rank reads all of them."""
+        ctx = self.ctx
+        if plan.whole_shards:
+            return [str(s.tar) for s in plan.shards], [str(s.idx) for s in plan.shards], ctx.rank, ctx.world_size
+        self._remove_plan_dir()
+        self._plan_dir = Path(tempfile.mkdtemp(prefix=f"echocare-dali-plan-r{ctx.rank}-"))
+        paths, index_paths = [], []
+        for k, seg_refs in enumerate(_runs(plan.refs(plan.positions()))):
+            shard = seg_refs[0][0]
+            lines = self._sample_lines(shard)
+            out = self._plan_dir / f"{k:06d}" / shard.idx.name   # the name still maps back to its shard
+            out.parent.mkdir()
+            atomic_write_text(out, "\n".join([f"{lines[0].split()[0]} {len(seg_refs)}"] +
+                                              [lines[1 + i] for _, i in seg_refs]) + "\n")
+            paths.append(str(shard.tar))
+            index_paths.append(str(out))
+        if not paths:
+            raise DataLoaderError(f"rank {ctx.rank}: no samples to read in epoch {plan.epoch}")
+        return paths, index_paths, 0, 1
+
+    def _sample_lines(self, shard) -> list[str]:
+        """The shard's index as [header, one line per sample] (blank lines dropped)."""
+        lines = self._index_lines.get(shard.name)
+        if lines is None:
+            try:
+                text = shard.idx.read_text()
+            except OSError as exc:
+                raise DataLoaderError(f"cannot read index {shard.idx}: {exc}") from exc
+            lines = self._index_lines[shard.name] = [ln for ln in text.splitlines() if ln.strip()]
+            if len(lines) != shard.samples + 1:
+                raise DataLoaderError(f"{shard.idx}: {len(lines) - 1} samples listed, the manifest says {shard.samples}")
+        return lines
+
+    def _remove_plan_dir(self) -> None:
+        if self._plan_dir is not None:
+            shutil.rmtree(self._plan_dir, ignore_errors=True)
+            self._plan_dir = None
 
     def start(self, plan: EpochPlan, position: int, state: dict | None) -> int:
         self._plan, self._seen = plan, set()
@@ -160,7 +220,9 @@ class DaliReader:
     def stop(self) -> None:
         self._pipe = None
         self._pipe_plan = None
+        self._lookup = None
         self._seen = set()
+        self._remove_plan_dir()
 
     def state(self) -> dict:
         return {"extra": sorted(self._extra), "generation": self._generation, "pipe_steps": self._pipe_steps,
@@ -186,7 +248,7 @@ class DaliReader:
             self._pipe_steps += 1
             self._seen.update(keys)
             return RawBatch(self._to_torch(images), torch.from_numpy(np.array(jitter.as_array(), np.float32)),
-                            labels, keys)
+                            labels, keys, self._lookup.take(keys))
 
     def _labels(self, lbl) -> np.ndarray | list[tuple[int, str]]:
         """int8 (B, C), or [(sample, reason)] for the samples whose label has the wrong length."""
@@ -297,6 +359,17 @@ class DaliReader:
         finally:
             reader.close()
         return damage
+
+
+def _runs(refs: list) -> list[list]:
+    """(shard, index) refs cut into runs of consecutive refs of one shard."""
+    out: list[list] = []
+    for ref in refs:
+        if out and out[-1][0][0] is ref[0]:
+            out[-1].append(ref)
+        else:
+            out.append([ref])
+    return out
 
 
 def _summary(message: str, limit: int = 300) -> str:

@@ -60,9 +60,13 @@ class MaskGenerator:
     def token_grid(self) -> int:
         return self.units_per_side * self.scale
 
-    def unit_masks(self, keys: Sequence[str], epoch: int) -> np.ndarray:
-        """uint8 (B, u, u), 1 = masked unit, exactly `num_masked` ones per sample."""
+    def unit_masks(self, keys: Sequence[str], epoch: int, copies: Sequence[int] | None = None) -> np.ndarray:
+        """uint8 (B, u, u), 1 = masked unit, exactly `num_masked` ones per sample. `copies`: a
+        mixture's repeat numbers (data/mixture.py); a repeat (copy > 0) gets a mask of its own."""
         ids = sample_stream_ids(keys, "mask", self.seed, epoch)
+        if copies is not None:
+            for j in np.flatnonzero(np.asarray(copies) > 0):
+                ids[j] = sample_stream_ids([keys[j]], "mask", self.seed, epoch, "copy", int(copies[j]))[0]
         with np.errstate(over="ignore"):
             draws = _splitmix64(ids[:, None] + np.arange(1, self.num_units + 1, dtype=np.uint64)[None, :] * _GOLDEN)
         # The num_masked smallest draws are masked (ties are impossible in practice, and argsort
@@ -72,8 +76,9 @@ class MaskGenerator:
         np.put_along_axis(mask, rank, 1, axis=1)
         return mask.reshape(len(keys), self.units_per_side, self.units_per_side)
 
-    def token_masks(self, keys: Sequence[str], epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    def token_masks(self, keys: Sequence[str], epoch: int, device: torch.device | str = "cpu",
+                    copies: Sequence[int] | None = None) -> torch.Tensor:
         """uint8 (B, H/p, W/p) on `device`: unit masks expanded to tokens there (a small copy)."""
-        units = torch.from_numpy(self.unit_masks(keys, epoch)).to(device, non_blocking=True)
+        units = torch.from_numpy(self.unit_masks(keys, epoch, copies)).to(device, non_blocking=True)
         n, u, s = units.shape[0], self.units_per_side, self.scale
         return units[:, :, None, :, None].expand(n, u, s, u, s).reshape(n, u * s, u * s)

@@ -70,18 +70,20 @@ class EpochStreams(IterableDataset):
         yield from self.stream_batches((self.first_batch + info.id) % self.num_streams)
 
     def _positions(self, stream: int):
-        """(pass, shard, index) of stream `stream`, forever: pass p is a fresh shuffle of the chunk."""
-        segments = self.plan.stream_segments(self.num_streams)[stream]
-        refs = [(seg.shard, i) for seg in segments for i in range(seg.first, seg.last)]
-        if not refs:
-            raise DataLoaderError(f"rank {self.plan.rank}: stream {stream} of epoch {self.plan.epoch} has no samples")
+        """(pass, shard, index, position, copy) of stream `stream`, forever: pass p is a fresh shuffle
+        of the chunk (position: in the epoch's list; copy: repeat number under a mixture)."""
         p = self.plan
+        positions = p.stream_positions(self.num_streams)[stream]
+        copies = p.listing.copies(positions)
+        refs = [(shard, i, int(pos), int(c)) for (shard, i), pos, c in zip(p.refs(positions), positions, copies)]
+        if not refs:
+            raise DataLoaderError(f"rank {p.rank}: stream {stream} of epoch {p.epoch} has no samples")
         for pass_no in range(1 << 30):
             # "wds-shuffle": the reader's name when it was written; renaming it would change every order.
             rng = np.random.default_rng(derive_seed("wds-shuffle", self.seed, p.epoch, p.world_size, p.rank,
                                                     stream, pass_no, bits=63))
-            for shard, i in buffer_shuffle(refs, self.shuffle_buffer, rng):
-                yield pass_no, shard, i
+            for shard, i, pos, copy in buffer_shuffle(refs, self.shuffle_buffer, rng):
+                yield pass_no, shard, i, pos, copy
 
     def stream_batches(self, stream: int):
         S, B, p = self.num_streams, self.plan.micro_batch, self.plan
@@ -90,10 +92,10 @@ class EpochStreams(IterableDataset):
         to_skip = done * B
         reader = TarReader(self.num_classes)
         known_bad = set(self.known_bad)
-        images, jitter, labels, keys, bad = [], [], [], [], []
+        images, jitter, labels, keys, bad, positions, copies = [], [], [], [], [], [], []
         good_in_pass, last_pass = 0, 0
         try:
-            for pass_no, shard, i in self._positions(stream):
+            for pass_no, shard, i, pos, copy in self._positions(stream):
                 if done >= len(batch_ids):
                     return
                 if pass_no != last_pass:
@@ -122,18 +124,24 @@ class EpochStreams(IterableDataset):
                     bad.append((shard.name, key, f"{type(exc).__name__}: {exc}"))
                     continue
                 good_in_pass += 1
-                sid = int(sample_stream_ids([key], "augment", self.seed, p.epoch, pass_no)[0])
+                # A mixture's repeat (copy > 0) gets its own draw; copy 0 keeps the original stream.
+                salt = (pass_no,) if copy == 0 else (pass_no, "copy", copy)
+                sid = int(sample_stream_ids([key], "augment", self.seed, p.epoch, *salt)[0])
                 image, factors = augment(im, np.random.default_rng(sid), self.aug)
                 images.append(image)
                 jitter.append(factors)
                 labels.append(lbl)
                 keys.append(key)
+                # A wrapped-around pass repeats samples: they are not new positions of the epoch.
+                positions.append(pos if pass_no == 0 else -1)
+                copies.append(copy)
                 if len(keys) == B:
                     yield dict(index=batch_ids[done], images=torch.from_numpy(np.stack(images))[:, None],
                                jitter=torch.tensor(jitter, dtype=torch.float32),
-                               labels=torch.from_numpy(np.stack(labels)), keys=keys, bad=bad)
+                               labels=torch.from_numpy(np.stack(labels)), keys=keys, bad=bad,
+                               positions=np.asarray(positions, np.int64), copies=np.asarray(copies, np.int32))
                     done += 1
-                    images, jitter, labels, keys, bad = [], [], [], [], []
+                    images, jitter, labels, keys, bad, positions, copies = [], [], [], [], [], [], []
         finally:
             reader.close()
 
@@ -207,4 +215,5 @@ class PilReader:
                                   f"(DataLoader worker order broken)")
         if batch["bad"]:
             self.ctx.quarantine.record_samples(batch["bad"], plan.epoch)
-        return RawBatch(batch["images"], batch["jitter"], batch["labels"], batch["keys"])
+        return RawBatch(batch["images"], batch["jitter"], batch["labels"], batch["keys"], batch["positions"],
+                        batch["copies"])

@@ -11,6 +11,11 @@ so they split the data the same way:
 3. every rank runs floor(floor(N/W) / micro_batch) steps, the count of the smallest range, so no rank
    runs out while another waits for it in a collective. At most W*micro_batch-1 samples per epoch
    (plus the last partial batch of each range) are left out, a different few each epoch.
+
+The numbering of step 2 (the epoch's list, listing.py) is what a loader state records as consumed.
+With data.source_weights / data.source_alpha the list is drawn per source (mixture.py) instead of
+holding every sample once. A resume on another world size (resume.py) splits only the list's
+unconsumed positions (`pool`) over the new ranks, by the same contiguous rule.
 """
 from __future__ import annotations
 
@@ -18,13 +23,14 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ..shardfmt import MANIFEST, Manifest, SampleError, ShardError, ShardReader, checksum_problem, read_index
+from .listing import EpochList
 
 __all__ = ["ShardSet", "ShardIndex", "TarReader", "Shard", "EpochPlan", "Segment", "make_plan", "epoch_order",
            "buffer_shuffle", "derive_seed", "DataLoaderError", "ShardError", "SampleError"]
@@ -183,22 +189,26 @@ class TarReader:
         lbl = np.frombuffer(self._read(shard, off, size, what=f"{shard.name}/{key}.lbl"), np.int8).copy()
         return jpg, lbl
 
-    def check_checksum(self, shard: Shard, i: int, jpg: bytes) -> None:
-        """SampleError unless `jpg` (sample i's .jpg as read) matches the checksum in its .json
-        (data.verify_samples; shardfmt.CHECKSUM_KEY): one more small read per sample."""
+    def provenance(self, shard: Shard, i: int) -> dict:
+        """Sample i's .json (its provenance), or SampleError."""
         idx = self.index(shard)
         key = idx.keys[i]
         off, size = map(int, idx.prov[i])
         if size < 0:
-            raise SampleError(f"{shard.name}/{key} has no .json component to check its .jpg against")
+            raise SampleError(f"{shard.name}/{key} has no .json component")
         raw = self._read(shard, off, size, what=f"{shard.name}/{key}.json")
         try:
             provenance = json.loads(raw)
         except ValueError as exc:
             raise SampleError(f"{shard.name}/{key}.json is not JSON ({exc})") from exc
-        problem = checksum_problem(jpg, provenance if isinstance(provenance, dict) else {})
+        return provenance if isinstance(provenance, dict) else {}
+
+    def check_checksum(self, shard: Shard, i: int, jpg: bytes) -> None:
+        """SampleError unless `jpg` (sample i's .jpg as read) matches the checksum in its .json
+        (data.verify_samples; shardfmt.CHECKSUM_KEY): one more small read per sample."""
+        problem = checksum_problem(jpg, self.provenance(shard, i))
         if problem:
-            raise SampleError(f"{shard.name}/{key}: {problem}")
+            raise SampleError(f"{shard.name}/{self.index(shard).keys[i]}: {problem}")
 
     def close(self) -> None:
         for reader in self._readers.values():
@@ -226,49 +236,91 @@ class EpochPlan:
     shards: tuple[Shard, ...]      # this epoch's tar order (identical on every rank)
     excluded: tuple[str, ...]      # quarantined shard names left out of this epoch
     order_seed: int
-    start: int                     # this rank's sample range [start, end) in that order
+    start: int                     # this rank's range [start, end) of the split samples (`pool`)
     end: int
     steps: int                     # batches every rank runs this epoch
+    listing: EpochList | None = None   # the epoch's positions (listing.py); None: natural over `shards`
+    # Positions of `listing` split over the ranks, in list order; None: all of them. Set when a
+    # resume on another world size splits only the samples the epoch has not consumed yet.
+    pool: np.ndarray | None = field(default=None, compare=False)
+    order_world: int = 0           # world size the tar order was drawn for (0: `world_size`)
+    consumed_before: tuple = ()    # position ranges consumed before this split (resume.py)
+    left_out: tuple[str, ...] = () # shards of `excluded` dropped after the list was drawn (damaged since)
+    # Whether the split samples are every sample of `shards`, tar after tar: then DALI reads the tars'
+    # own index files with its shard_id / num_shards split (the same split as ours).
+    whole_shards: bool = True
+
+    def __post_init__(self):
+        if self.listing is None:
+            object.__setattr__(self, "listing", EpochList.natural(self.shards))
+        if not self.order_world:
+            object.__setattr__(self, "order_world", self.world_size)
 
     @property
     def total(self) -> int:
-        return sum(s.samples for s in self.shards)
+        """Samples split over the ranks this epoch."""
+        return len(self.listing) if self.pool is None else int(len(self.pool))
 
-    def segments(self, start: int | None = None, end: int | None = None) -> list[Segment]:
-        """The rank's range (or any [start, end) of the epoch order) as per-shard segments."""
+    def positions(self, start: int | None = None, end: int | None = None) -> np.ndarray:
+        """Epoch positions of split samples [start, end) (default: this rank's range)."""
         start = self.start if start is None else start
         end = self.end if end is None else end
-        out, base = [], 0
-        for s in self.shards:
-            lo, hi = max(start, base), min(end, base + s.samples)
-            if lo < hi:
-                out.append(Segment(s, lo - base, hi - base))
-            base += s.samples
-        return out
+        if self.pool is None:
+            return np.arange(start, end, dtype=np.int64)
+        return self.pool[start:end]
+
+    def refs(self, positions: np.ndarray) -> list[tuple[Shard, int]]:
+        ordinal, index = self.listing.refs(positions)
+        shards = self.listing.shards
+        return [(shards[int(o)], int(i)) for o, i in zip(ordinal, index)]
+
+    def segments(self, start: int | None = None, end: int | None = None) -> list[Segment]:
+        """The rank's range (or any [start, end) of the split samples) as runs of consecutive samples
+        of one shard."""
+        ordinal, index = self.listing.refs(self.positions(start, end))
+        if not len(ordinal):
+            return []
+        breaks = np.flatnonzero((np.diff(ordinal) != 0) | (np.diff(index) != 1)) + 1
+        firsts = np.concatenate([[0], breaks])
+        ends = np.concatenate([breaks, [len(ordinal)]])
+        return [Segment(self.listing.shards[int(ordinal[a])], int(index[a]), int(index[b - 1]) + 1)
+                for a, b in zip(firsts, ends)]
 
     def without(self, names: Iterable[str]) -> "EpochPlan":
         """The same epoch minus some shards (quarantined mid-epoch): same order for the rest, the
-        rank ranges recomputed, and the same step count, so every rank still ends the epoch together."""
+        rank ranges recomputed, and the same step count, so every rank still ends the epoch together.
+        Positions keep their meaning (the left-out shards' positions are dropped from the split)."""
         names = set(names)
-        shards = tuple(s for s in self.shards if s.name not in names)
-        total = sum(s.samples for s in shards)
+        keep = ~self.listing.positions_of_shards(names)
+        all_positions = self.positions(0, self.total)
+        pool = all_positions[keep[all_positions]]
+        total = len(pool)
         if total // self.world_size == 0:
             raise DataLoaderError(f"no usable samples left for rank {self.rank} after quarantining {sorted(names)}")
-        return replace(self, shards=shards, excluded=tuple(sorted(set(self.excluded) | names)),
+        return replace(self, pool=pool, shards=tuple(s for s in self.shards if s.name not in names),
+                       excluded=tuple(sorted(set(self.excluded) | names)),
+                       left_out=tuple(sorted(set(self.left_out) | names)),
                        start=total * self.rank // self.world_size, end=total * (self.rank + 1) // self.world_size)
 
     def stream_quotas(self, num_streams: int) -> list[int]:
         """Batches of stream k (batches b with b % num_streams == k), k = 0..num_streams-1."""
         return [len(range(k, self.steps, num_streams)) for k in range(num_streams)]
 
-    def stream_segments(self, num_streams: int) -> list[list[Segment]]:
+    def stream_bounds(self, num_streams: int) -> list[int]:
         """The rank's range cut into contiguous chunks, one per stream, sized by its quota (the
         range's spare samples spread over the chunks), so each stream reads its own tars."""
         quotas = self.stream_quotas(num_streams)
         cum = np.concatenate([[0], np.cumsum(quotas)])
         n = self.end - self.start
-        bounds = [self.start + (n * int(c)) // max(int(cum[-1]), 1) for c in cum]
-        return [self.segments(bounds[k], bounds[k + 1]) for k in range(num_streams)]
+        return [self.start + (n * int(c)) // max(int(cum[-1]), 1) for c in cum]
+
+    def stream_positions(self, num_streams: int) -> list[np.ndarray]:
+        b = self.stream_bounds(num_streams)
+        return [self.positions(b[k], b[k + 1]) for k in range(num_streams)]
+
+    def stream_segments(self, num_streams: int) -> list[list[Segment]]:
+        b = self.stream_bounds(num_streams)
+        return [self.segments(b[k], b[k + 1]) for k in range(num_streams)]
 
 
 def epoch_order(shards: Sequence[Shard], seed: int, epoch: int, world_size: int) -> tuple[int, tuple[Shard, ...]]:
@@ -278,19 +330,44 @@ def epoch_order(shards: Sequence[Shard], seed: int, epoch: int, world_size: int)
 
 
 def make_plan(shard_set: ShardSet, excluded: Iterable[str], *, epoch: int, seed: int, rank: int,
-              world_size: int, micro_batch: int) -> EpochPlan:
+              world_size: int, micro_batch: int, mixture=None, order_world: int | None = None,
+              consumed: np.ndarray | None = None, consumed_ranges: tuple = (),
+              left_out: Iterable[str] = ()) -> EpochPlan:
+    """Epoch `epoch` for `rank` of `world_size`.
+
+    `mixture` (mixture.Mixture) draws the epoch's list per source; without it every sample is in
+    the list once. For a resume on another world size (resume.py): `order_world` is the world size
+    the epoch's tar order was drawn for, `consumed` (bool per position) the samples it consumed
+    before, `left_out` shards damaged since: only the other positions are split over the ranks."""
     excluded = tuple(sorted(set(excluded)))
     usable = [s for s in shard_set.shards if s.name not in excluded]
-    order_seed, ordered = epoch_order(usable, seed, epoch, world_size)
-    total = sum(s.samples for s in ordered)
+    order_world = order_world or world_size
+    order_seed, ordered = epoch_order(usable, seed, epoch, order_world)
+    listing = mixture.listing(ordered, seed=seed, epoch=epoch) if mixture is not None else EpochList.natural(ordered)
+    pool = None
+    left_out = set(left_out)
+    if consumed is not None or left_out:
+        keep = ~listing.positions_of_shards(left_out)
+        if consumed is not None:
+            if len(consumed) != len(keep):
+                raise DataLoaderError(f"the saved epoch {epoch} had {len(consumed)} positions, its list now has "
+                                      f"{len(keep)}")
+            keep &= ~consumed
+        pool = np.flatnonzero(keep).astype(np.int64)
+    total = len(listing) if pool is None else len(pool)
     per_rank = total // world_size
     steps = per_rank // micro_batch
-    if steps == 0:
+    if steps == 0 and pool is None:
         raise DataLoaderError(
             f"{shard_set.root}: {total} usable samples ({len(excluded)} shard(s) quarantined) give "
             f"{per_rank} per rank on {world_size} rank(s), fewer than train.micro_batch={micro_batch}")
-    return EpochPlan(epoch, rank, world_size, micro_batch, ordered, excluded, order_seed,
-                     total * rank // world_size, total * (rank + 1) // world_size, steps)
+    if left_out:
+        ordered = tuple(s for s in ordered if s.name not in left_out)
+    return EpochPlan(epoch, rank, world_size, micro_batch, ordered, tuple(sorted(set(excluded) | left_out)),
+                     order_seed, total * rank // world_size, total * (rank + 1) // world_size, steps,
+                     listing=listing, pool=pool, order_world=order_world,
+                     consumed_before=tuple(map(tuple, consumed_ranges)), left_out=tuple(sorted(left_out)),
+                     whole_shards=pool is None and listing.is_natural)
 
 
 def buffer_shuffle(items: Sequence, buffer: int, rng: np.random.Generator) -> Iterator:

@@ -46,13 +46,16 @@ def write_shards(root, ontology, counts=(13, 11, 9, 7), *, size=(96, 72), patter
                  truncated_jpeg: tuple[int, int] | None = None, missing_label: tuple[int, int] | None = None,
                  short_label: tuple[int, int] | None = None, flipped_jpeg: tuple[int, int] | None = None,
                  ontology_hash: str | None = None,
-                 distinct_images: int | None = None) -> dict:
+                 distinct_images: int | None = None, sources: list[str] | None = None) -> dict:
     """Shards with counts[i] samples each; returns {key: int8 label vector}.
 
     `truncated_jpeg=(shard, index)` halves that sample's JPEG, `missing_label=(shard, index)` leaves
     out its .lbl, `short_label=(shard, index)` drops its last label byte, `flipped_jpeg=(shard, index)`
     inverts bytes in the middle of its entropy-coded data (it still decodes, to wrong pixels); `distinct_images=n` encodes only n
-    images and reuses their bytes (fast to write; decoding costs the same)."""
+    images and reuses their bytes (fast to write; decoding costs the same); `sources` names the
+    provenance source of each sample in write order (default: all "synthetic")."""
+    if sources is not None and len(sources) != sum(counts):
+        raise ValueError(f"{len(sources)} sources for {sum(counts)} samples")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -76,7 +79,7 @@ def write_shards(root, ontology, counts=(13, 11, 9, 7), *, size=(96, 72), patter
                     jpg = jpg[: len(jpg) // 2]
                 if flipped_jpeg == (s, i):
                     jpg = _flip_data_bytes(jpg)
-                meta = {"source": "synthetic", "path": f"image {k}.png", "frame": None, "labels": named,
+                meta = {"source": sources[k - 1] if sources is not None else "synthetic", "path": f"image {k}.png", "frame": None, "labels": named,
                         "width": size[0], "height": size[1], "crop": None, "ontology_hash": ontology.hash,
                         CHECKSUM_KEY: checksum}
                 components = {"jpg": jpg, "lbl": vec.tobytes(), "json": json.dumps(meta).encode()}
@@ -88,6 +91,15 @@ def write_shards(root, ontology, counts=(13, 11, 9, 7), *, size=(96, 72), patter
                 labels[key] = vec
         entries.append(writer.entry)
     Manifest(ontology_hash=ontology_hash or ontology.hash, ontology_nodes=len(ontology),
-             num_samples=int(sum(counts)), shards=entries, per_source={"synthetic": int(sum(counts))},
+             num_samples=int(sum(counts)), shards=entries, per_source=_per_source(sources, int(sum(counts))),
              per_node={}, rejected={}).write(root)
     return labels
+
+
+def _per_source(sources: list[str] | None, total: int) -> dict[str, int]:
+    if sources is None:
+        return {"synthetic": total}
+    out: dict[str, int] = {}
+    for name in sources:
+        out[name] = out.get(name, 0) + 1
+    return out

@@ -37,15 +37,18 @@ def _cmd_evaluate(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli_args import add_config_args
+    from ..cli_args import add_config_args, add_progress_arg
 
-    p = sub.add_parser("finetune", help="fine-tune an exported encoder (classification, segmentation, regression)",
+    p = sub.add_parser("finetune", help="fine-tune an exported encoder (classification, segmentation, "
+                                        "regression, landmarks, detection, enhancement)",
                        description="Fine-tune an exported encoder. Everything is a config value: "
-                                   "--set finetune.task=classification|segmentation|regression "
+                                   "--set finetune.task=classification|segmentation|regression|"
+                                   "landmarks|detection|enhancement (docs/finetune.md) "
                                    "--set finetune.data=DIR (or finetune.csv=FILE) "
                                    "--set finetune.checkpoint=EXPORT_DIR/encoder.safetensors "
                                    "[--set finetune.mode=linear_probe] [--set finetune.run_dir=DIR]")
     add_config_args(p)
+    add_progress_arg(p)
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("evaluate", help="pretrained vs random init vs a raw-pixel baseline on one split, one table",
@@ -55,4 +58,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "metrics. Takes the same --set finetune.* values as `echocare finetune`; writes "
                                    "evaluate.txt / evaluate.json under finetune.run_dir.")
     add_config_args(p)
+    add_progress_arg(p)
     p.set_defaults(func=_cmd_evaluate)

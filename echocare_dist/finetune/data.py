@@ -17,7 +17,7 @@ Masks (may differ from their image in size and file type; resized with nearest n
 - `mask_mode=binary`: value >= 128 is foreground (0/255 masks, also lossy JPEG masks).
 - `mask_mode=auto` (default): binary when every mask holds only 0 and 255, ids when every value
   is below 128, otherwise an error asking to choose.
-Colour masks whose channels differ are refused (encode classes as gray or palette values).
+1-bit masks read as 0/255. Colour masks whose channels differ are refused (encode classes as gray or palette values).
 16-bit masks: 0/65535 (or 0 and one other value) read as 0/255, 8-bit data scaled by 257 is
 scaled back, values below 256 are kept; anything else is refused with the values found.
 """
@@ -61,6 +61,7 @@ class TaskData:
     root: Path
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> paths left out (counted, logged)
     mask_values: set[int] | None = None  # segmentation: every value in the kept masks
+    target_names: list[str] | None = None  # landmarks: point names; detection: box classes
 
 
 # --------------------------------------------------------------------------------------
@@ -94,8 +95,8 @@ def read_mask_values(path: Path) -> np.ndarray:
         raise
     except Exception as exc:  # noqa: BLE001
         raise DataError(f"cannot decode mask {path}: {type(exc).__name__}: {exc}") from exc
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8)
+    if arr.dtype == bool:  # a 1-bit image is a binary mask: read it as 0/255 so it mixes with 8-bit ones (BUSI)
+        arr = arr.astype(np.uint8) * np.uint8(255)
     if arr.dtype not in (np.uint8, np.uint16):
         arr = arr.astype(np.int64)
         if arr.min() < 0 or arr.max() > 65535:
@@ -290,7 +291,8 @@ class FinetuneDataset(Dataset):
 
 
 def collate(batch: list[dict]) -> dict:
-    out = {k: torch.stack([b[k] for b in batch]) if k != "mask_full" else [b[k] for b in batch]
+    # "*_full" entries (segmentation masks, ...) keep each image's own size: lists, not stacks
+    out = {k: [b[k] for b in batch] if k.endswith("_full") else torch.stack([b[k] for b in batch])
            for k in batch[0] if k != "index"}
     out["index"] = [b["index"] for b in batch]
     return out

@@ -14,6 +14,7 @@ from ..curation.masklike import is_mask_like_image, is_mask_like_name
 from .data import (DataError, Sample, TaskData, class_order, images_under, read_csv, read_gray,
                    resolve_csv_path)
 from .pairing import check_masks, discover_segmentation_folders
+from .tasks import TASK_SPECS
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ def discover(ft, resolve_path) -> TaskData:
         raise ConfigError(f"finetune.data={ft.data!r} is not a directory")
     root = data if data is not None else csv_path.parent
     skipped: dict[str, list[str]] = {}
+    if ft.task in TASK_SPECS:  # landmarks, detection, enhancement: the spec reads its own annotations
+        task = TASK_SPECS[ft.task].discover(ft, root, csv_path)
+        log_skipped(task.skipped)
+        return task
 
     if ft.task == "classification":
         if csv_path is not None:  # rows the user listed are taken as given

@@ -16,11 +16,13 @@ import math
 from ..atomic import atomic_write_json, atomic_write_text
 from ..config import Config, save_resolved
 from . import baseline as B
+from . import metrics as M
 from .crossval import aggregate
 from .discovery import discover
 from .report import metrics_with_ci
 from .runner import DEFAULT_MONITOR, TASK_METRICS, Finetuner
 from .splits import splits_for
+from .tasks import TASK_SPECS
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,14 @@ BASELINE_NAME = {"classification": f"logreg {B.PIXELS}x{B.PIXELS} px", "regressi
                  "segmentation": f"pixel logreg {B.PATCH}x{B.PATCH}"}
 SHOWN = {"classification": ("accuracy", "macro_f1", "auc"),
          "segmentation": ("dice", "dice_lesion", "nsd", "nsd_lesion"), "regression": ("mae",)}
+BASELINE_NAME.update({name: spec.baseline_name for name, spec in TASK_SPECS.items()})
+SHOWN.update({name: spec.metrics for name, spec in TASK_SPECS.items()})
 
 
 def _baseline(task: str, train, val, runner: Finetuner, ft) -> dict:
-    if task == "classification":
+    if task in TASK_SPECS:
+        details = TASK_SPECS[task].baseline(train, val, runner)
+    elif task == "classification":
         details = B.classification_baseline(train, val, runner.num_outputs, ft.balance != "none")
     elif task == "segmentation":
         details = B.segmentation_baseline(train, val, runner.num_outputs, runner.mask_mode, ft.nsd_tolerance)
@@ -64,7 +70,7 @@ def format_table(rows: dict[str, list[dict]], task: str, folds: int, header: str
 
 def verdict(rows: dict[str, list[dict]], task: str, baseline_name: str) -> str:
     metric = DEFAULT_MONITOR[task]
-    lower = metric == "mae"
+    lower = metric in M.LOWER_IS_BETTER
     score = {n: aggregate(f, (metric,))[metric]["mean"] for n, f in rows.items()}
     tuned = {n: v for n, v in score.items() if n != baseline_name and not math.isnan(v)}
     if not tuned or math.isnan(score[baseline_name]):

@@ -201,4 +201,4 @@ def bootstrap_ci(metric, arrays: Sequence[np.ndarray], resamples: int, seed: int
 
 
 # Direction of each metric, for best-checkpoint selection.
-LOWER_IS_BETTER = {"mae", "loss"}
+LOWER_IS_BETTER = {"mae", "loss", "mre", "mse", "mre_mm"}  # the last three: landmark errors (tasks/landmarks.py)

@@ -20,6 +20,11 @@ from ..models.decoders import MultiScaleDecoder
 from ..models.encoder import run_stages
 
 
+# Tasks whose head is the multi-scale decoder predicting `num_outputs` maps at input resolution
+# (landmark heatmaps, CenterNet maps, the enhanced image: finetune/tasks/).
+DENSE_TASKS = ("segmentation", "landmarks", "detection", "enhancement")
+
+
 class TaskModel(nn.Module):
     def __init__(self, encoder: nn.Module, frozen: bool):
         super().__init__()
@@ -68,7 +73,7 @@ class SegmentationModel(TaskModel):
 
 def build_task_model(task: str, encoder: nn.Module, num_outputs: int, frozen: bool,
                      decoder_dim: int) -> TaskModel:
-    if task == "segmentation":
+    if task in DENSE_TASKS:
         return SegmentationModel(encoder, num_outputs, decoder_dim, frozen)
     return PooledHeadModel(encoder, num_outputs, frozen)
 

@@ -14,6 +14,7 @@ import numpy as np
 from . import metrics as M
 from . import plots
 from .data import read_gray
+from .tasks import TASK_SPECS
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ def _regression(details: dict, resamples: int, seed: int) -> dict:
 def figures(runner, details: dict) -> list[Path]:
     """The task's PNGs in the run directory."""
     run_dir, paths = runner.run_dir, []
+    if runner.ft.task in TASK_SPECS:
+        return TASK_SPECS[runner.ft.task].figures(runner, details)
     if runner.ft.task == "classification":
         y, probs = details["y_true"], details["probs"]
         k = probs.shape[1]
@@ -84,6 +87,8 @@ def final_report(runner) -> dict:
 
 def metrics_with_ci(task: str, details: dict, num_classes: int, resamples: int, seed: int) -> dict:
     """The task's metrics and their CIs from per-image `details` (runner or baseline)."""
+    if task in TASK_SPECS:
+        return TASK_SPECS[task].final(details, resamples, seed)
     if task == "classification":
         return _classification(details, num_classes, resamples, seed)
     if task == "segmentation":

@@ -7,14 +7,14 @@ Writes to `finetune.run_dir`:
   best.json              task, classes, metrics and epoch of that checkpoint, encoder description
   metrics.json           every epoch's metrics, the best one, and `final`: the best checkpoint's
                          metrics with 95% bootstrap CIs (report.py); `skipped`: files left out
-  confusion.png, roc.png (classification) / overlays.png (segmentation) of the best checkpoint,
+  confusion.png, roc.png (classification) / overlays.png (segmentation, landmarks, detection) /
+  before_after.png (enhancement) of the best checkpoint (landmarks etc.: finetune/tasks/),
                          curves.png: train/val loss and the monitor per epoch
   fold_K/, cv.json       with finetune.folds >= 2: one run per fold, mean +- std (crossval.py)
   mlflow.db, mlartifacts/  MLflow run (unless tracking.uri / $MLFLOW_TRACKING_URI point elsewhere)
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -33,11 +33,13 @@ from ..devices import cuda_problem
 from ..schedule import warmup_cosine
 from . import metrics as M
 from . import plots
+from .checkpoints import format_table, load_finetuned  # noqa: F401 - public names of the runner
 from .data import FinetuneDataset, TaskData, collate, resolve_mask_mode, write_split
 from .discovery import discover
 from .losses import class_weights, soft_dice_loss
 from .splits import splits_for
 from .model import build_task_model, param_groups
+from .tasks import TASK_SPECS
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ RANDOM_INIT_SEED_OFFSET = 7919  # any fixed value other than 0 (see init=random 
 DEFAULT_MONITOR = {"classification": "macro_f1", "segmentation": "dice_lesion", "regression": "mae"}
 TASK_METRICS = {"classification": ("accuracy", "macro_f1", "auc"),
                 "segmentation": ("dice", "nsd", "dice_lesion", "nsd_lesion"), "regression": ("mae",)}
+DEFAULT_MONITOR.update({name: spec.monitor for name, spec in TASK_SPECS.items()})  # tasks/: one spec per task
+TASK_METRICS.update({name: spec.metrics for name, spec in TASK_SPECS.items()})
 
 
 def pick_device(spec: str) -> torch.device:
@@ -109,7 +113,8 @@ class Finetuner:
 
         task = task if task is not None else discover(ft, cfg.resolve_path)
         self.task_data = task
-        self.class_names = task.class_names
+        self.spec = TASK_SPECS.get(ft.task)
+        self.class_names = task.class_names if self.spec is None else task.target_names
         train, val = split if split is not None else splits_for(task, ft, cfg.resolve_path)[0]
         write_split(self.run_dir / "split.csv", train, val)
         self.mask_mode, self.target_mean, self.target_std = "ids", 0.0, 1.0
@@ -126,6 +131,8 @@ class Finetuner:
                 raise ConfigError(f"finetune.num_classes={ft.num_classes} but the masks hold class ids up to "
                                   f"{found - 1} (mask_mode={self.mask_mode})")
             self.num_outputs = ft.num_classes or found
+        elif self.spec is not None:
+            self.num_outputs = self.spec.num_outputs(task, ft)
         else:
             targets = np.array([s.target for s in train], dtype=np.float64)
             # Standardised targets keep the head's initial output scale sensible for any unit.
@@ -143,8 +150,12 @@ class Finetuner:
                       norm_mean=self.encoder_meta["norm_mean"], norm_std=self.encoder_meta["norm_std"],
                       mask_mode=self.mask_mode, num_classes=self.num_outputs,
                       target_mean=self.target_mean, target_std=self.target_std, seed=ft.seed)
-        self.train_set = FinetuneDataset(train, train=True, hflip_prob=ft.hflip_prob, augment=ft.augment, **common)
-        self.val_set = FinetuneDataset(val, train=False, **common)
+        if self.spec is not None:
+            self.train_set = self.spec.dataset(train, True, ft, dict(common, hflip_prob=ft.hflip_prob))
+            self.val_set = self.spec.dataset(val, False, ft, common)
+        else:
+            self.train_set = FinetuneDataset(train, train=True, hflip_prob=ft.hflip_prob, augment=ft.augment, **common)
+            self.val_set = FinetuneDataset(val, train=False, **common)
         g = torch.Generator().manual_seed(ft.seed)
         pin = self.device.type == "cuda"
         self.loss_weight, sampler = None, None
@@ -163,8 +174,11 @@ class Finetuner:
         self.val_loader = DataLoader(self.val_set, batch_size=ft.batch_size, shuffle=False,
                                      num_workers=ft.num_workers, collate_fn=collate, pin_memory=pin)
 
+        self.decoder_dim = self.spec.decoder_dim(ft, self.encoder_meta) if self.spec else ft.seg_decoder_dim
         self.model = build_task_model(ft.task, encoder, self.num_outputs, frozen=not full,
-                                      decoder_dim=ft.seg_decoder_dim).to(self.device)
+                                      decoder_dim=self.decoder_dim).to(self.device)
+        if self.spec is not None:
+            self.spec.init_head(self.model, weights_path, ft.init)
         self.groups = param_groups(self.model, ft.weight_decay, ft.layer_decay)
         self.optimizer = torch.optim.AdamW(self.groups, lr=ft.lr)
         self.steps_per_epoch = len(self.train_loader)
@@ -180,6 +194,8 @@ class Finetuner:
 
     def _loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         out = out.float()
+        if self.spec is not None:
+            return self.spec.loss(out, target, self.ft)
         if self.ft.task == "classification":
             return F.cross_entropy(out, target, weight=self.loss_weight)
         if self.ft.task == "regression":
@@ -190,12 +206,12 @@ class Finetuner:
         return loss
 
     def train_epoch(self, epoch: int, step: int) -> tuple[float, int]:
-        from tqdm import tqdm
+        from ..progress import progress_bar
 
         self.model.train()
         self.train_set.set_epoch(epoch)
         total, count = 0.0, 0
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.ft.epochs}", leave=False, unit="batch")
+        bar = progress_bar(self.train_loader, desc=f"epoch {epoch + 1}/{self.ft.epochs}", leave=False, unit="batch")
         for batch in bar:
             lr = warmup_cosine(step, self.ft.lr, self.ft.min_lr, self.warmup_steps, self.total_steps)
             for group in self.optimizer.param_groups:
@@ -224,6 +240,9 @@ class Finetuner:
         CIs and figures), with the first `keep` segmentation predictions for the overlays."""
         model = model if model is not None else self.model
         model.eval()
+        if self.spec is not None:
+            result, self.details = self.spec.evaluate(self, model, keep)
+            return result
         losses, n = 0.0, 0
         outputs, targets, dices, nsds, has_target, kept = [], [], [], [], [], []
         for batch in self.val_loader:
@@ -286,17 +305,23 @@ class Finetuner:
             task=self.ft.task, mode=self.ft.mode, init=self.ft.init, epoch=epoch, monitor=self.monitor, metrics=metrics,
             num_outputs=self.num_outputs, class_names=self.class_names, mask_mode=self.mask_mode,
             target_mean=self.target_mean, target_std=self.target_std, img_size=self.img_size,
-            seg_decoder_dim=self.ft.seg_decoder_dim, encoder=self.encoder_meta,
+            seg_decoder_dim=self.decoder_dim, encoder=self.encoder_meta,
             encoder_checkpoint=str(self.cfg.resolve_path(self.ft.checkpoint))))
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict:
         from ..tracking import Tracker, flatten
+        from ..tracking_context import pretraining_link_tags
 
         save_resolved(self.cfg, self.run_dir)
         tracking = self.cfg.tracking
+        # Named like "finetune-classification/pretrained": an evaluation's arms stay apart.
         tracker = Tracker(active=tracking.enabled, uri=tracking.uri, experiment=self.ft.experiment,
-                          run_name=tracking.run_name, run_dir=self.run_dir)
+                          run_name=tracking.run_name or f"{self.run_dir.parent.name}/{self.run_dir.name}",
+                          run_dir=self.run_dir, source="echocare finetune",
+                          system_metrics_s=tracking.system_metrics_interval,
+                          tags={**pretraining_link_tags(self.encoder_meta), "echocare.init": self.ft.init,
+                                "echocare.task": self.ft.task})
         tracker.start()
         tracker.log_params(flatten(self.cfg.to_dict()["finetune"], "finetune"))
         tracker.log_params({"encoder.arch": self.encoder_meta["arch"],
@@ -340,6 +365,8 @@ class Finetuner:
                                      if isinstance(v, float) and not math.isnan(v)}, step=best_epoch)
                 for name in final["figures"]:
                     tracker.log_artifact(self.run_dir / name)
+                    if name.endswith(".png"):  # also as an image: the UI's image view, at its epoch
+                        tracker.log_image(self.run_dir / name, Path(name).stem, step=best_epoch)
             status = "FINISHED"
         finally:
             summary = dict(task=self.ft.task, mode=self.ft.mode, init=self.ft.init, monitor=self.monitor,
@@ -361,20 +388,6 @@ class Finetuner:
         return summary
 
 
-def format_table(history: list[dict], monitor: str) -> str:
-    if not history:
-        return "(no epochs)"
-    cols = [k for k in history[0] if k not in ("best",)]
-    width = {c: max(len(c), 9) for c in cols}
-
-    def fmt(v):
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-    lines = ["  ".join(c.rjust(width[c]) for c in cols) + "  best"]
-    for row in history:
-        lines.append("  ".join(fmt(row.get(c, "")).rjust(width[c]) for c in cols) + ("  *" if row["best"] else ""))
-    return "\n".join(lines)
-
-
 def run_finetune(cfg: Config) -> dict:
     """One run, or with finetune.folds >= 2 one run per fold and their mean +- std (crossval.py)."""
     if cfg.finetune.folds >= 2 and not cfg.finetune.split_file:
@@ -382,19 +395,3 @@ def run_finetune(cfg: Config) -> dict:
         return run_crossval(cfg, lambda task, split, run_dir: Finetuner(cfg, task, split, run_dir).run(),
                             TASK_METRICS[cfg.finetune.task])
     return Finetuner(cfg).run()
-
-
-def load_finetuned(run_dir: str | Path, device: str = "cpu"):
-    """(model in eval mode, best.json) of a finished fine-tuning run."""
-    import timm
-    from safetensors.torch import load_file
-
-    from ..export import timm_kwargs
-
-    run_dir = Path(run_dir)
-    info = json.loads((run_dir / "best.json").read_text())
-    encoder = timm.create_model(**timm_kwargs(info["encoder"], img_size=info["img_size"]))
-    model = build_task_model(info["task"], encoder, info["num_outputs"], frozen=info["mode"] == "linear_probe",
-                             decoder_dim=info["seg_decoder_dim"])
-    model.load_state_dict(load_file(str(run_dir / "best.safetensors")), strict=True)
-    return model.to(device).eval(), info

@@ -59,8 +59,11 @@ def head_flops(model_cfg: ModelConfig, num_classes: int) -> int:
     return 2 * stage_dims(model_cfg)[-1] * num_classes if model_cfg.hie_head else 0
 
 
-def flops_per_image(model_cfg: ModelConfig, num_classes: int) -> dict:
-    """dict(forward, train=3*forward, encoder, decoder, head) in FLOPs per image."""
+def flops_per_image(model_cfg: ModelConfig, num_classes: int, hpm: bool = False) -> dict:
+    """dict(forward, train=3*forward, encoder, decoder, head) in FLOPs per image. hpm (hard patch
+    mining) adds its mask-choosing pass to train: one no-grad encoder forward of the unmasked image
+    (the loss predictor on top is a per-unit MLP, negligible and left out like the norms)."""
     enc, dec, head = encoder_flops(model_cfg), decoder_flops(model_cfg), head_flops(model_cfg, num_classes)
     forward = enc + dec + head
-    return dict(forward=forward, train=3 * forward, encoder=enc, decoder=dec, head=head)
+    return dict(forward=forward, train=3 * forward + (enc if hpm else 0), encoder=enc, decoder=dec, head=head,
+                mining=enc if hpm else 0)

@@ -13,6 +13,7 @@ from ..ontology import Ontology
 from .anatomy import AnatomyPrediction, anatomy_from_logits
 from .decoders import build_decoder
 from .encoder import create_encoder, run_stages, stage_dims
+from .hpm import LossPredictor
 
 
 class HierarchicalHead(nn.Module):
@@ -33,10 +34,13 @@ class EchoCareMIM(nn.Module):
     """One forward of the masked image feeds both the pixel decoder and the anatomy head.
 
     forward(input (B,in_chans,H,W), mask (B,H/p,W/p), 1 = masked token) ->
-    dict(recon=(B,in_chans,H,W) float32 in [0,1], logits=(B,C) float32 or None).
+    dict(recon=(B,in_chans,H,W) float32 in [0,1], logits=(B,C) float32 or None,
+         difficulty=(B,u,u) float32 scores of the hard-patch-mining predictor, or None).
+    forward(input, None, difficulty_only=True) -> dict(difficulty=...) of the unmasked images: the
+    pass that chooses the masks under mask.strategy=hpm (models/hpm.py).
     """
 
-    def __init__(self, model_cfg: ModelConfig, num_classes: int):
+    def __init__(self, model_cfg: ModelConfig, num_classes: int, hpm_units: int = 0):
         super().__init__()
         if model_cfg.hie_head and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 with model.hie_head=true, got {num_classes}")
@@ -56,6 +60,8 @@ class EchoCareMIM(nn.Module):
         self.decoder = build_decoder(model_cfg.decoder, dims, model_cfg.decoder_dim,
                                      model_cfg.patch_size, model_cfg.in_chans)
         self.hie_head = HierarchicalHead(dims[-1], num_classes) if model_cfg.hie_head else None
+        # Named outside "encoder.", so the export leaves it out like the decoder.
+        self.loss_predictor = LossPredictor(dims[-1], hpm_units) if hpm_units else None
         self.set_grad_checkpointing(model_cfg.grad_checkpointing)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -83,13 +89,19 @@ class EchoCareMIM(nn.Module):
             tokens = torch.where(masked, self.mask_token.to(tokens.dtype), tokens)
         return run_stages(self.encoder, tokens)
 
-    def forward(self, input: torch.Tensor, mask: torch.Tensor) -> dict:
+    def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor], difficulty_only: bool = False) -> dict:
         features = self.encode(input, mask)
+        predictor = self.loss_predictor
+        if difficulty_only:
+            if predictor is None:
+                raise ValueError("difficulty_only needs the loss predictor (mask.strategy=hpm)")
+            return dict(difficulty=predictor(features[-1]))
         # Sigmoid and logits in fp32: the losses compare them to targets at full precision, and
         # these tensors are tiny next to the activations.
         recon = torch.sigmoid(self.decoder(features).float())
         logits = self.hie_head(features[-1]).float() if self.hie_head is not None else None
-        return dict(recon=recon, logits=logits)
+        difficulty = predictor(features[-1]) if predictor is not None else None
+        return dict(recon=recon, logits=logits, difficulty=difficulty)
 
     @torch.no_grad()
     def predict_anatomy(self, input: torch.Tensor, ontology: Ontology, impl: str = "auto") -> AnatomyPrediction:
@@ -103,5 +115,6 @@ class EchoCareMIM(nn.Module):
         return anatomy_from_logits(logits, ontology, impl)
 
 
-def build_model(model_cfg: ModelConfig, num_classes: int) -> EchoCareMIM:
-    return EchoCareMIM(model_cfg, num_classes)
+def build_model(model_cfg: ModelConfig, num_classes: int, hpm_units: int = 0) -> EchoCareMIM:
+    """hpm_units > 0 adds the hard-patch-mining loss predictor over that many mask units per side."""
+    return EchoCareMIM(model_cfg, num_classes, hpm_units)

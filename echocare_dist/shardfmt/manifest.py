@@ -9,7 +9,9 @@ ontology_hash, ontology_nodes, num_samples, shards [{name, samples, bytes, sha25
 idx_sha256?}], per_source, per_node, rejected {reason: {count, paths, details?}}; the builder adds
 what shaped the build (ontology_names, sources, files, staged_samples, ignored, curation,
 fingerprint, excluded, label_conflicts). A manifest without "format" predates the field and is
-read as format 1.
+read as format 1. Format 2 adds `deid` (docs/deid.md): {enabled, salt_id?, sources?, burned_in_text:
+{action, flagged, samples: [{key, path, frame, boxes}]}}; with de-identification on, every path
+the manifest and the samples hold is a path id (curation/deid.py). Format 1 is still read.
 """
 from __future__ import annotations
 
@@ -25,8 +27,8 @@ from ..atomic import atomic_write_json
 from .sample import ShardError
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
-READABLE_FORMATS = (1,)
+MANIFEST_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 SHARD_RE = re.compile(r"^shard-(\d{6})\.(tar|idx)$")
 
 _REQUIRED = ("ontology_hash", "ontology_nodes", "num_samples", "shards", "per_source", "per_node", "rejected")
@@ -35,7 +37,8 @@ _TYPES = {"ontology_hash": (str, "a string"), "ontology_nodes": (int, "an intege
           "per_node": (dict, "an object"), "rejected": (dict, "an object"),
           "ontology_names": (list, "a list"), "sources": (list, "a list"), "files": (int, "an integer"),
           "staged_samples": (int, "an integer"), "ignored": (dict, "an object"), "curation": (dict, "an object"),
-          "fingerprint": (str, "a string"), "excluded": (dict, "an object"), "label_conflicts": (list, "a list")}
+          "fingerprint": (str, "a string"), "excluded": (dict, "an object"), "label_conflicts": (list, "a list"),
+          "deid": (dict, "an object")}
 
 
 def shard_name(i: int) -> str:
@@ -82,11 +85,12 @@ class Manifest:
     # policy, others}] (curation/conflicts.py).
     excluded: dict | None = None
     label_conflicts: list | None = None
+    deid: dict | None = None          # format 2: what was de-identified and what was flagged
 
     def to_dict(self) -> dict:
         order = ("format", "ontology_hash", "ontology_nodes", "ontology_names", "num_samples", "shards",
                  "per_source", "per_node", "rejected", "sources", "files", "staged_samples", "ignored",
-                 "curation", "fingerprint", "excluded", "label_conflicts")
+                 "curation", "fingerprint", "excluded", "label_conflicts", "deid")
         out = {}
         for key in order:
             value = getattr(self, key)

@@ -1,4 +1,4 @@
-"""`echocare synth --config tiny_cpu --out DIR [--set synth.num_images=...]`."""
+"""`echocare synth --config tiny_cpu --out DIR [--set synth.num_images=...] [--tasks N]`."""
 from __future__ import annotations
 
 import shlex
@@ -14,6 +14,10 @@ def _synth(args) -> int:
     from .dataset import generate_dataset
 
     cfg = config_from_args(args)
+    if args.tasks and args.tasks < 4:
+        print(f"echocare synth: error: --tasks {args.tasks}: need at least 4 images per task set (or 0)",
+              file=sys.stderr)
+        return 2
     ontology = load_ontology(cfg.resolve_path(cfg.ontology.path))
     out = Path(args.out).expanduser()
     start = time.perf_counter()
@@ -24,6 +28,10 @@ def _synth(args) -> int:
         return 2
     save_resolved(cfg, out)
     print(f"synthesized {result.summary()} in {time.perf_counter() - start:.1f}s")
+    if args.tasks:
+        from .tasks import generate_task_sets
+        counts = generate_task_sets(out / "tasks", args.tasks, seed=cfg.synth.seed)
+        print(f"fine-tuning task sets in {out / 'tasks'}: " + ", ".join(f"{k} {v} images" for k, v in counts.items()))
     print(f"next: echocare shards build --mapping {shlex.quote(str(result.mapping))} --out SHARD_DIR")
     return 0
 
@@ -36,4 +44,7 @@ def register(sub) -> None:
     add_config_args(p)
     p.add_argument("--out", "-o", required=True, help="output folder (created; a previous synthetic set there "
                                                       "is replaced, any other non-empty folder is refused)")
+    p.add_argument("--tasks", type=int, default=0, metavar="N",
+                   help="also write N annotated breast scans per fine-tuning task set (landmarks, detection "
+                        "boxes, low/high enhancement pairs) into OUT/tasks/ (N >= 4; 0 = none)")
     p.set_defaults(func=_synth)

@@ -24,7 +24,7 @@ from ..cli_args import add_config_args, config_from_args
 
 
 def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
-    add_config_args(parser, resume=True)
+    add_config_args(parser, resume=True, required=True)
     # The DeepSpeed launcher appends --local_rank=N; the rank layout is read from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 

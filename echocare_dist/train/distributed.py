@@ -1,9 +1,9 @@
 """Process-group setup that works under every launcher we support.
 
-The rank layout comes from the environment: the DeepSpeed launcher and torchrun export
-RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `srun` (one task per GPU) exports
-SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID, which we translate; a plain `python`
-start with none of them is a world of one. The device follows train.device (pick_device: the one
+The rank layout comes from the environment (launch_env.detect_env: DeepSpeed launcher, torchrun,
+srun, or a plain `python` = a world of one). When the pre-flight met the other ranks (its roll
+call, preflight_ranks.py), the group is built on the store it connected; otherwise DeepSpeed
+rendezvous through MASTER_ADDR:MASTER_PORT itself. The device follows train.device (pick_device: the one
 visible GPU under per-task binding, else cuda:LOCAL_RANK; the CPU when CUDA is not usable and
 nothing asked for it -- the pre-flight stops a run that did), and DeepSpeed picks NCCL or gloo.
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
-import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import devices
+from ..launch_env import detect_env, first_host, take_store  # noqa: F401  (first_host: re-exported)
 
 
 @dataclass(frozen=True)
@@ -38,48 +37,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def first_host(nodelist: str) -> str:
-    """First hostname of a Slurm nodelist such as 'gpu[03-05,09],cpu1' (what scontrol would print)."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        raise ValueError(f"cannot parse Slurm nodelist {nodelist!r}")
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
-
-
-def detect_env(environ: dict | None = None) -> dict:
-    """Rank layout from the launcher's environment; fills MASTER_ADDR/PORT where a launcher does not."""
-    env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        layout = dict(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
-                      local_rank=int(env.get("LOCAL_RANK", 0)), launcher="deepspeed/torchrun",
-                      master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=env.get("MASTER_PORT", "29500"))
-    elif "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
-        # Only srun sets SLURM_STEP_NUM_TASKS: a batch script alone (one process) stays single.
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-        # A job-derived port lets two jobs share a node without colliding.
-        port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-        layout = dict(rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_STEP_NUM_TASKS"]),
-                      local_rank=int(env.get("SLURM_LOCALID", 0)), launcher="slurm",
-                      master_addr=env.get("MASTER_ADDR") or first_host(nodelist), master_port=port)
-    else:
-        layout = dict(rank=0, world_size=1, local_rank=0, launcher="single",
-                      master_addr="127.0.0.1", master_port=env.get("MASTER_PORT") or str(_free_port()))
-    if not 0 <= layout["rank"] < layout["world_size"]:
-        raise RuntimeError(f"inconsistent launcher environment: rank {layout['rank']} of world "
-                           f"size {layout['world_size']}")
-    return layout
 
 
 def pick_device(local_rank: int, spec: str = "auto", *, world_size: int = 1,
@@ -131,9 +88,14 @@ def init_distributed(timeout_s: int, device: str = "auto") -> DistEnv:
         # train.device=cpu on a GPU machine: DeepSpeed would otherwise pick its CUDA accelerator and NCCL.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
-    if not dist.is_initialized():
-        deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s),
-                                   verbose=False)
+    store = take_store()
+    if store is not None and not dist.is_initialized():
+        # The pre-flight's roll call (preflight_ranks.py) already met every rank on this store:
+        # build the group on it rather than start a second server on MASTER_PORT.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=layout["rank"],
+                                world_size=layout["world_size"], timeout=timedelta(seconds=timeout_s))
+    # With a group already there, DeepSpeed only wraps it (its communication backend).
+    deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False)
     if dist.get_backend() == "gloo":
         _CONTROL_GROUP = None  # the default group already runs on the host
     else:

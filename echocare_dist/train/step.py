@@ -30,6 +30,7 @@ from ..models import build_model, flops_per_image
 from ..models.compile import apply_compile
 from ..ontology import Ontology, load_ontology
 from . import distributed
+from .hpm import HardPatchMiner
 from .loss import PretrainLoss
 from .nonfinite import install_guard, poison_scale, step_skipped
 from .optim import WarmupCosine, bucket_sizes, build_optimizer, deepspeed_config, global_batch
@@ -56,6 +57,7 @@ class Components:
     peak_tflops: float                 # per device, for MFU
     peak_source: str                   # where peak_tflops came from
     compile: str = "none"              # model.compile as applied: none | blocks | full
+    miner: HardPatchMiner | None = None  # mask.strategy=hpm: re-chooses each micro-batch's mask
 
 
 @dataclass
@@ -85,8 +87,9 @@ def build_components(cfg: Config, env: distributed.DistEnv, *, ontology: Ontolog
     distributed.configure_determinism(cfg.train.deterministic)
     # Same seed on every rank: identical initial weights (ZeRO-3 partitions what each rank built).
     distributed.seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, len(ontology))
-    flops = flops_per_image(cfg.model, len(ontology))
+    hpm = cfg.mask.strategy == "hpm"
+    model = build_model(cfg.model, len(ontology), hpm_units=cfg.model.img_size // cfg.mask.mask_patch_size if hpm else 0)
+    flops = flops_per_image(cfg.model, len(ontology), hpm=hpm)
     n_params = sum(p.numel() for p in model.parameters())
     compiled = apply_compile(model, cfg.model.compile, env.device)  # in place: state_dict keys unchanged
     optimizer, scheduler = build_optimizer(model, cfg, env.world_size, env.device)
@@ -109,7 +112,8 @@ def build_components(cfg: Config, env: distributed.DistEnv, *, ontology: Ontolog
     c = Components(cfg=cfg, env=env, ontology=ontology, engine=engine, optimizer=optimizer,
                    scheduler=scheduler, loader=loader, loss_fn=loss_fn, flops=flops, n_params=n_params,
                    ds_config=ds_config, global_batch=global_batch(cfg, env.world_size),
-                   peak_tflops=peak, peak_source=peak_source, compile=compiled)
+                   peak_tflops=peak, peak_source=peak_source, compile=compiled,
+                   miner=HardPatchMiner(cfg, env.rank) if hpm else None)
     if env.is_main:
         log.info("%s", startup_line(c))
     return c
@@ -142,11 +146,13 @@ def train_step(c: Components, *, nan_loss: bool = False) -> StepResult:
     total = mim_sum = hie_sum = None
     data_wait = 0.0
     lr = c.optimizer.param_groups[0]["lr"]
-    for _ in range(accum):
+    for micro in range(accum):
         t0 = time.perf_counter()
         with _isolated_rng(c.env.device):
             batch = next(c.loader)  # an infinite iterator (echocare_dist.data contract)
         data_wait += time.perf_counter() - t0
+        if c.miner is not None:
+            batch = c.miner.remask(engine, batch, engine.global_steps, micro)
         out = engine(batch["input"], batch["mask"])
         loss, mim, hie = c.loss_fn(out, batch)
         if nan_loss:

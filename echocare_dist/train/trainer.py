@@ -21,8 +21,10 @@ import time
 
 import torch
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, atomic_write_json
 from ..config import Config, ConfigError, save_resolved
+from ..data.elastic import held_batch
+from ..data.mixture import MIXTURE_FILE, mixture_params
 from ..ontology import OntologyError, load_ontology
 from ..redact import redact_tree
 from ..runlock import RunDirLock, RunDirLocked
@@ -35,7 +37,9 @@ from .images import reconstruction_grid
 from .metrics import MetricsFile, Window, memory_gb
 from .optim import global_batch, scaled_lr
 from .preemption import Preempted, PreemptionHandler
+from .sample_log import wrap_from_env
 from .step import DS_CONFIG_FILE, Components, StepResult, build_components, train_step
+from .validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,7 @@ class Pretrainer:
         self.last_saved_step = -1
         self.tracker = Tracker(False)         # the run's own once setup() has started it
         self.components: Components | None = None
+        self.validator: Validator | None = None  # train.val_every on the held-out shards (validation.py)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -88,9 +93,15 @@ class Pretrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir)
         plan = self.ckpts.plan_resume(cfg.train.resume, cfg, self.ontology.hash)
+        if plan is not None and int(plan.meta.get("world_size", env.world_size)) != env.world_size:
+            self._hold_global_batch(plan)
         self._start_tracking(plan)
         self.components = c = build_components(cfg, env, ontology=self.ontology, run_dir=self.run_dir,
                                                 load_universal=bool(plan and plan.universal))
+        if env.is_main:
+            self._record_mixture(c.loader)
+        self.validator = Validator.create(cfg, env, self.ontology)  # draws from no RNG stream
+        c.loader = wrap_from_env(c.loader, env.rank)  # $ECHOCARE_SAMPLE_LOG: the keys each rank trained on
         if plan is not None:
             self._restore(plan)  # last: nothing may draw from the restored RNG streams before step 1
         self.control = StepControl(cfg.train.preempt_check_every, cfg.train.max_bad_steps, self.preempt,
@@ -142,8 +153,9 @@ class Pretrainer:
             self.control.peer_failure = report
 
     def _start_tracking(self, plan: ResumePlan | None) -> None:
-        t = self.cfg.tracking
-        self.tracker = Tracker(self.env.is_main and t.enabled, t.uri, t.experiment, t.run_name, self.run_dir)
+        self.tracker = Tracker.from_config(self.env.is_main, self.cfg.tracking, self.run_dir,
+                                           source="echocare pretrain", launcher=self.env.launcher,
+                                           world_size=self.env.world_size)
         error = None
         try:
             # MLflow may retry an unanswering server for minutes: a preemption signal must end it.
@@ -160,20 +172,45 @@ class Pretrainer:
             raise TrackingError(error[1])
         self.run_id = distributed.broadcast_object(self.tracker.run_id)
 
+    def _hold_global_batch(self, plan: ResumePlan) -> None:
+        """On another world size keep the checkpoint's global batch (data/elastic.py: the rule)."""
+        t, saved = self.cfg.train, int(plan.meta.get("global_batch", self.global_batch))
+        micro, accum = held_batch(saved, self.env.world_size, t.micro_batch, t.grad_accum)
+        if (micro, accum) != (t.micro_batch, t.grad_accum):
+            if self.env.is_main:
+                log.warning("resume on %d rank(s): holding the checkpoint's global batch %d with train.micro_batch=%d "
+                            "x train.grad_accum=%d (configured %d x %d)", self.env.world_size, saved, micro, accum,
+                            t.micro_batch, t.grad_accum)
+            t.micro_batch, t.grad_accum = micro, accum
+            if self.env.is_main:
+                save_resolved(self.cfg, self.run_dir)
+        self.global_batch = global_batch(self.cfg, self.env.world_size)
+
+    def _record_mixture(self, loader) -> None:
+        """The effective per-source mixture (data.source_weights / source_alpha) with the run: the shard
+        manifest predates the training config, so the run directory and MLflow hold it."""
+        mixture = getattr(loader, "effective_mixture", lambda: None)()
+        if not mixture:
+            return
+        atomic_write_json(self.run_dir / MIXTURE_FILE, mixture)
+        self.tracker.log_params(mixture_params(mixture))
+        self.tracker.log_artifact(self.run_dir / MIXTURE_FILE, "data")
+
     def _restore(self, plan: ResumePlan) -> None:
         c = self.components
         client = self.ckpts.load(c.engine, plan)
         c.scheduler.apply()  # DeepSpeed restores the optimizer after the scheduler
         self.step = self.last_saved_step = int(client["step"])
+        if self.validator is not None:
+            self.validator.load_state_dict(client.get("validation"))
         same_world = int(client["world_size"]) == self.env.world_size
-        loader_states = client["loader"]
+        # Every rank's loader state: on another world size the loader splits the epoch's unconsumed
+        # samples over the new ranks (data/resume.py), on the same one it continues exactly.
+        c.loader.resume(client["loader"])
         if same_world:
-            c.loader.load_state_dict(loader_states[self.env.rank])
             distributed.set_rng_state(client["rng"][self.env.rank])
         else:
-            # The loader sees the saved world size in its state and restarts the epoch with a new
-            # split; the per-rank RNG streams cannot be mapped, so they are re-derived from the step.
-            c.loader.load_state_dict(loader_states[min(self.env.rank, len(loader_states) - 1)])
+            # The per-rank RNG streams cannot be mapped, so they are re-derived from the step.
             distributed.seed_everything(self.cfg.train.seed + 1 + self.env.rank + 7919 * self.step)
         log.info("resumed from %s at step %d (saved by %d ranks%s)", plan.source, self.step,
                  client["world_size"], ", universal checkpoint" if plan.universal else "")
@@ -198,8 +235,12 @@ class Pretrainer:
                 detail = (f"loss or gradient norm on some rank (loss here {float(result.loss):.4g}, global "
                           f"gradient norm {self.components.engine.get_global_grad_norm()})")
             control.record(step, result.skipped, detail)
-            if self.step % t.log_every == 0 or self.step == t.steps:
-                self._log(window, result.lr)
+            validation = None
+            if self.validator is not None and self.step % t.val_every == 0:
+                with window.excluded():
+                    validation = self.validator.run(self.components, self.step)
+            if self.step % t.log_every == 0 or self.step == t.steps or validation:
+                self._log(window, result.lr, validation)
             if self.step % t.image_every == 0:
                 with window.excluded():
                     self._log_images(result)
@@ -224,7 +265,7 @@ class Pretrainer:
         self.tracker.finish("FINISHED")
         return 0
 
-    def _log(self, window: Window, lr: float) -> None:
+    def _log(self, window: Window, lr: float, validation: dict | None = None) -> None:
         env, c = self.env, self.components
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
@@ -250,6 +291,11 @@ class Pretrainer:
             "bad_steps": self.control.bad_total if self.control is not None else 0,
         }
         record["mfu"] = record["tflops_per_device"] / c.peak_tflops
+        if c.miner is not None:  # mask.strategy=hpm: this rank's last ranking loss and mined share
+            rank_loss = c.loss_fn.last_rank
+            record.update(hpm_rank_loss=float(rank_loss) if rank_loss is not None else None,
+                          hpm_share=c.miner.last_share)
+        record.update(validation or {})
         window.reset()
         if not env.is_main:
             return
@@ -268,7 +314,7 @@ class Pretrainer:
                                   a.norm_mean, a.norm_std, self.cfg.tracking.image_rows)
         path = self.run_dir / "images" / f"recon_step_{self.step:08d}.png"
         atomic_write_bytes(path, png)
-        self.tracker.log_artifact(path, "reconstructions")
+        self.tracker.log_image(png, "reconstruction", self.step)  # the UI's step slider
 
     def close(self) -> None:
         """Idempotent, on every way out: loader workers stopped (bounded), watchdog and lock released."""
@@ -302,7 +348,8 @@ class Pretrainer:
             config=redact_tree(cfg.to_dict()), ontology_hash=self.ontology.hash, model=fingerprint,
             mlflow_run_id=self.run_id,
             # Required by DeepSpeed's ds_to_universal (world-size changes); no tensor parallelism here.
-            universal_checkpoint_info={})
+            universal_checkpoint_info={},
+            validation=self.validator.state_dict() if self.validator is not None else None)
         meta = dict(format=CHECKPOINT_FORMAT, world_size=env.world_size, zero_stage=cfg.train.zero_stage,
                     precision=cfg.train.precision, global_batch=self.global_batch,
                     ontology_hash=self.ontology.hash, model=fingerprint, mlflow_run_id=self.run_id)

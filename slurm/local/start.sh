@@ -51,6 +51,8 @@ for bin in slurmctld slurmd munged sbatch scontrol sinfo; do
     command -v "$bin" >/dev/null || [ -x "/usr/sbin/$bin" ] || missing=1
 done
 if [ "$missing" -eq 1 ]; then install_packages; fi
+# start-multinode.sh reuses the installation above and nothing else.
+if [ -n "${ECHOCARE_SLURM_INSTALL_ONLY:-}" ]; then exit 0; fi
 export PATH="/usr/sbin:/sbin:$PATH"
 command -v runuser >/dev/null || die "runuser (util-linux) is required to start munged as user munge"
 id munge >/dev/null 2>&1 || die "user 'munge' does not exist (is the munge package installed?)"

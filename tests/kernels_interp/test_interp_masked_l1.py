@@ -111,3 +111,64 @@ def test_public_api_dispatch_and_determinism():
     assert torch.equal(masked_l1_loss(pred, target, mask, 2, impl="triton"), first[0])
     # "auto" keeps CPU tensors on the reference, even with the interpreter available.
     assert torch.equal(masked_l1_loss(pred, target, mask, 2), masked_l1_loss_reference(pred, target, mask, 2))
+
+
+# Per-mask-patch sums (hard patch mining): same pass as the loss, against the reference.
+
+def _sums_case(pred, target, mask, p, s, **blocks):
+    from echocare_dist.kernels import masked_l1_patch_sums_reference
+    from echocare_dist.kernels.masked_l1 import masked_l1_loss_and_patch_sums_triton
+    leaf = pred.detach().clone().requires_grad_(True)
+    loss, sums = masked_l1_loss_and_patch_sums_triton(leaf, target, mask, p, s, **blocks)
+    ref = masked_l1_patch_sums_reference(pred, target, mask, p, s)
+    B, _, H, W = pred.shape
+    assert sums.shape == (B, H // s, W // s) and sums.dtype == torch.float32 and not sums.requires_grad
+    # Each cell sums up to s*s*C fp32 terms in another order than the reference.
+    torch.testing.assert_close(sums, ref.float(), rtol=LOSS_RTOL * 10, atol=1e-5)
+    loss.backward()
+    ref_loss, ref_grad = run("torch", pred, target, mask, p)
+    torch.testing.assert_close(loss, ref_loss, rtol=LOSS_RTOL, atol=1e-7)
+    assert_grads_close(leaf.grad, ref_grad, pred.dtype, scale=ref_grad.abs().max().item())
+    return loss, sums
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,C,H,W,p,s", [(2, 1, 256, 256, 2, 32), (3, 1, 96, 160, 4, 32), (2, 3, 64, 64, 4, 16),
+                                         (1, 1, 64, 32, 2, 2)])
+def test_patch_sums_match_reference(B, C, H, W, p, s, dtype):
+    pred, target, mask = masked_batch(B, C, H, W, p, dtype, seed=B * 7 + H + s)
+    loss, sums = _sums_case(pred, target, mask, p, s)
+    # Unmasked patches are exactly 0 (their pixels were never loaded); the sums add up to the loss.
+    k = s // p
+    any_masked = mask.reshape(B, H // s, k, W // s, k).any(dim=4).any(dim=2)
+    assert torch.all(sums[~any_masked] == 0)
+    masked_values = mask.sum() * p * p * C
+    torch.testing.assert_close(sums.double().sum() / masked_values, loss.double(), rtol=1e-4, atol=1e-7)
+
+
+def test_patch_sums_with_gpu_sized_aligned_tiles_and_strided_inputs():
+    # Several tiles per plane (GPU tile shapes), a strided pred view: each cell still written once.
+    pred, target, mask = masked_batch(2, 1, 128, 256, 4, torch.bfloat16, seed=11)
+    _sums_case(pred[:, :, :, :128], target[:, :, :, :128].contiguous(), mask[:, :, :32].contiguous(), 4, 32,
+               block_h=32, block_w=64)
+
+
+def test_patch_sums_are_deterministic_and_do_not_change_the_loss():
+    from echocare_dist.kernels.masked_l1 import masked_l1_loss_and_patch_sums_triton
+    pred, target, mask = masked_batch(2, 1, 128, 128, 2, torch.float32, seed=12)
+    a = masked_l1_loss_and_patch_sums_triton(pred, target, mask, 2, 32)
+    b = masked_l1_loss_and_patch_sums_triton(pred, target, mask, 2, 32)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # Whole-plane tiles here: the loss partials are the same sums as without per-patch output.
+    assert torch.equal(a[0], masked_l1_loss_triton(pred, target, mask, 2))
+
+
+def test_patch_sums_public_api_validates_and_dispatches():
+    from echocare_dist.kernels import masked_l1_loss_and_patch_sums, masked_l1_patch_sums_reference
+    pred, target, mask = masked_batch(1, 1, 64, 64, 2, torch.float32, seed=13)
+    for bad, msg in ((3, "multiple of patch_size"), (24, "power of two"), (128, "whole number")):
+        with pytest.raises(ValueError, match=msg):
+            masked_l1_loss_and_patch_sums(pred, target, mask, 2, bad, impl="triton")
+    loss, sums = masked_l1_loss_and_patch_sums(pred, target, mask, 2, 16)      # CPU auto -> reference
+    assert torch.equal(sums, masked_l1_patch_sums_reference(pred, target, mask, 2, 16).float())
+    assert torch.equal(loss, masked_l1_loss_reference(pred, target, mask, 2))

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Stop the cluster that slurm/local/start-multinode.sh started in STATE_DIR, and remove its
+# network (namespaces, veth pairs, bridge, /etc/netns entries) as recorded in STATE_DIR/network.
+#   slurm/local/stop-multinode.sh [STATE_DIR]   (default: $ECHOCARE_SLURM_DIR or /tmp/echocare-slurm-multi)
+# Jobs are cancelled through Slurm first; daemons are stopped by their PID files only (a PID whose
+# process is not the expected daemon is left alone). Idempotent.
+set -uo pipefail
+
+STATE="${1:-${ECHOCARE_SLURM_DIR:-/tmp/echocare-slurm-multi}}"
+export PATH="/usr/sbin:/sbin:$PATH"
+export SLURM_CONF="$STATE/slurm.conf"
+log() { echo "[slurm-multinode] $*" >&2; }
+
+[ -d "$STATE/run" ] || [ -f "$STATE/network" ] || { log "nothing to stop in $STATE"; exit 0; }
+
+daemon_pid() {
+    local file="$1" name="$2" pid
+    [ -f "$file" ] || return 0
+    pid="$(tr -dc '0-9' <"$file")"
+    [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] || return 0
+    [ "$(cat "/proc/$pid/comm")" = "$name" ] && echo "$pid"
+}
+
+stop_daemon() {
+    local file="$1" name="$2" pid
+    pid="$(daemon_pid "$file" "$name")"
+    if [ -z "$pid" ]; then rm -f "$file"; return 0; fi
+    kill -TERM "$pid" 2>/dev/null
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "$name ($pid) ignored SIGTERM for 10 s: SIGKILL"
+        kill -KILL "$pid" 2>/dev/null
+    fi
+    rm -f "$file"
+    log "stopped $name ($pid, $(basename "$file" .pid))"
+}
+
+if [ -n "$(daemon_pid "$STATE/run/slurmctld.pid" slurmctld)" ] && [ -f "$SLURM_CONF" ]; then
+    jobs="$(squeue -h -o '%i' 2>/dev/null | tr '\n' ' ')"
+    if [ -n "${jobs// /}" ]; then
+        log "cancelling jobs: $jobs"
+        # shellcheck disable=SC2086  # one argument per job id
+        scancel $jobs 2>/dev/null
+        for _ in $(seq 30); do
+            [ -z "$(squeue -h -o '%i' 2>/dev/null)" ] && break
+            sleep 1
+        done
+    fi
+fi
+
+for file in "$STATE"/run/slurmd-*.pid; do
+    [ -e "$file" ] && stop_daemon "$file" slurmd
+done
+stop_daemon "$STATE/run/slurmctld.pid" slurmctld
+stop_daemon "$STATE/run/munged.pid" munged
+
+if [ -f "$STATE/network" ]; then
+    while IFS='=' read -r kind name; do
+        case "$kind" in
+            NETNS)
+                # Deleting a namespace also deletes its end of the veth pair, and with it the host end.
+                if ip netns list | grep -qw -- "$name"; then ip netns delete "$name" && log "removed namespace $name"; fi
+                rm -rf "/etc/netns/${name:?}"
+                ;;
+            BRIDGE)
+                bridge="$name"
+                ;;
+        esac
+    done <"$STATE/network"
+    if [ -n "${bridge:-}" ] && ip link show "$bridge" >/dev/null 2>&1; then
+        ip link delete "$bridge" && log "removed bridge $bridge"
+    fi
+    rm -f "$STATE/network" "$STATE/nodes"
+    rmdir /etc/netns 2>/dev/null || true  # only when no other namespace has files there
+fi
+exit 0
