@@ -45,12 +45,15 @@ def create_temp(target: str | os.PathLike, suffix: str = ".tmp") -> tuple[int, P
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file next to `path`; on clean exit it replaces `path` atomically."""
+def atomic_open(path: str | os.PathLike, mode: str = "wb", private: bool = False) -> Iterator[IO]:
+    """Open a temporary file next to `path`; on clean exit it replaces `path` atomically.
+    private: mode 0600 whatever the umask, set before the first byte is written (secrets only)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = create_temp(target)
     try:
+        if private:
+            os.fchmod(fd, 0o600)
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()

@@ -35,23 +35,28 @@ def _item_types(args: tuple, value, key: str) -> list:
     return list(args)
 
 
+def _first_member(convert, tp, value, key: str):
+    """convert(member) for the first non-None member of the Union `tp` that accepts the value."""
+    errors = []
+    for arg in typing.get_args(tp):
+        if arg is type(None):
+            continue
+        try:
+            return convert(arg)
+        except ConfigError as exc:
+            errors.append(exc)
+    if len(errors) == 1:  # Optional[X]: X's own message names the element that is wrong
+        raise errors[0]
+    raise ConfigError(f"{key}: value {value!r} does not match {_type_name(tp)}")
+
+
 def _coerce(value, tp, key: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        if len(errors) == 1:  # Optional[X]: X's own message names the element that is wrong
-            raise errors[0]
-        raise ConfigError(f"{key}: value {value!r} does not match {_type_name(tp)}")
+        return _first_member(lambda arg: _coerce(value, arg, key), tp, value, key)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: value {value!r} is not one of {list(args)}")
@@ -158,17 +163,7 @@ def parse_text(raw: str, tp, key: str):
     if origin in (typing.Union, types.UnionType):
         if type(None) in args and text.lower() in NULL_WORDS:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return parse_text(raw, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        if len(errors) == 1:
-            raise errors[0]
-        raise ConfigError(f"{key}: value {raw!r} does not match {_type_name(tp)}")
+        return _first_member(lambda arg: parse_text(raw, arg, key), tp, raw, key)
     if dataclasses.is_dataclass(tp):
         raise ConfigError(f"{key}: expected a mapping (a section: set its keys one by one, "
                           f"e.g. --set {key}.KEY=VALUE), got {raw!r}")

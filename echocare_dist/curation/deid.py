@@ -27,7 +27,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic import _fsync_dir, create_temp
+from ..atomic import atomic_open
 from ..shardfmt import Manifest, ShardError
 from .outdir import CurationError
 
@@ -153,24 +153,11 @@ def write_path_map(deid: Deid, out_dir: Path, sources: list) -> Path:
            "sources": {s.name: {"root": str(s.root), "mapping": str(s.mapping)} for s in sources},
            "paths": dict(sorted(deid.paths.items()))}
     path = deid.map_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = create_temp(path)
-    try:
-        # The one file that does not follow the umask: it holds the patient-identifying paths and
-        # the salt, so only its owner may read it, whatever the group-readable umask of the
-        # shard set. chmod before the first byte is written, so no reader ever sees content.
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    # The one file that does not follow the umask: it holds the patient-identifying paths and the
+    # salt, so only its owner may read it, whatever the group-readable umask of the shard set.
+    with atomic_open(path, "w", private=True) as fh:
+        json.dump(doc, fh, indent=1)
+        fh.write("\n")
     return path
 
 

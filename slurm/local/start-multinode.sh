@@ -35,6 +35,8 @@ CTLD_ADDR="$SUBNET.1"
 BRIDGE="ecbr$CTLD_PORT"
 
 log() { echo "[slurm-multinode] $*" >&2; }
+# shellcheck source=SCRIPTDIR/common.sh
+. "$HERE/common.sh"
 die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, slurmd, munged as user munge)"
@@ -90,17 +92,7 @@ fi
 
 fail() { log "error: $*"; print_logs; "$HERE/stop-multinode.sh" "$STATE" >&2 || true; exit 1; }
 
-mkdir -p "$STATE"/{ctld,slurmd,run,log,munge}
-chmod 755 "$STATE" "$STATE/run" "$STATE/log"
-chown munge:munge "$STATE/munge"
-chmod 755 "$STATE/munge"
-if [ ! -s "$STATE/munge/munge.key" ]; then
-    dd if=/dev/urandom of="$STATE/munge/munge.key" bs=1024 count=1 status=none
-fi
-chown munge:munge "$STATE/munge/munge.key"
-chmod 400 "$STATE/munge/munge.key"
-touch "$STATE/log/munged.log" "$STATE/run/munged.pid"
-chown munge:munge "$STATE/log/munged.log" "$STATE/run/munged.pid"
+prepare_state
 
 # What stop-multinode.sh must undo, written before anything is created.
 {

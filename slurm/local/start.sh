@@ -26,6 +26,8 @@ HOST="$(hostname -s)"
 ADDR=127.0.0.1
 
 log() { echo "[slurm-local] $*" >&2; }
+# shellcheck source=SCRIPTDIR/common.sh
+. "$HERE/common.sh"
 die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (slurmd launches jobs as their owner; munged runs as user munge)"
@@ -83,18 +85,7 @@ if [ -d "$STATE/run" ]; then
     "$HERE/stop.sh" "$STATE" || true
 fi
 
-mkdir -p "$STATE"/{ctld,slurmd,run,log,munge}
-chmod 755 "$STATE" "$STATE/run" "$STATE/log"
-# munged wants its socket directory owned by munge, writable by nobody else, searchable by all.
-chown munge:munge "$STATE/munge"
-chmod 755 "$STATE/munge"
-if [ ! -s "$STATE/munge/munge.key" ]; then
-    dd if=/dev/urandom of="$STATE/munge/munge.key" bs=1024 count=1 status=none
-fi
-chown munge:munge "$STATE/munge/munge.key"
-chmod 400 "$STATE/munge/munge.key"
-touch "$STATE/log/munged.log" "$STATE/run/munged.pid"
-chown munge:munge "$STATE/log/munged.log" "$STATE/run/munged.pid"
+prepare_state
 
 # RealMemory must not exceed what slurmd measures, or the node is drained as invalid.
 mem_mb=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) * 9 / 10 / 1024 ))

@@ -10,30 +10,11 @@ STATE="${1:-${ECHOCARE_SLURM_DIR:-/tmp/echocare-slurm-multi}}"
 export PATH="/usr/sbin:/sbin:$PATH"
 export SLURM_CONF="$STATE/slurm.conf"
 log() { echo "[slurm-multinode] $*" >&2; }
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=SCRIPTDIR/common.sh
+. "$HERE/common.sh"
 
 [ -d "$STATE/run" ] || [ -f "$STATE/network" ] || { log "nothing to stop in $STATE"; exit 0; }
-
-daemon_pid() {
-    local file="$1" name="$2" pid
-    [ -f "$file" ] || return 0
-    pid="$(tr -dc '0-9' <"$file")"
-    [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] || return 0
-    [ "$(cat "/proc/$pid/comm")" = "$name" ] && echo "$pid"
-}
-
-stop_daemon() {
-    local file="$1" name="$2" pid
-    pid="$(daemon_pid "$file" "$name")"
-    if [ -z "$pid" ]; then rm -f "$file"; return 0; fi
-    kill -TERM "$pid" 2>/dev/null
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "$name ($pid) ignored SIGTERM for 10 s: SIGKILL"
-        kill -KILL "$pid" 2>/dev/null
-    fi
-    rm -f "$file"
-    log "stopped $name ($pid, $(basename "$file" .pid))"
-}
 
 if [ -n "$(daemon_pid "$STATE/run/slurmctld.pid" slurmctld)" ] && [ -f "$SLURM_CONF" ]; then
     jobs="$(squeue -h -o '%i' 2>/dev/null | tr '\n' ' ')"
