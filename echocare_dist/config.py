@@ -25,6 +25,7 @@ from .config_coerce import field_type, from_dict, parse_text, to_plain
 from .config_sections import (AugmentConfig, ConfigError, CurationConfig, DataConfig, FinetuneConfig, LossConfig,
                               MaskConfig, ModelConfig, OntologyConfig, OptimConfig, SynthConfig, TrackingConfig,
                               TrainConfig, require)
+from .config_train import validate_stages
 from .paths import CONFIG_DIR, FILE_RELATIVE_KEYS, REPO_ROOT, relative_to_file, resolve_path
 
 __all__ = [
@@ -72,6 +73,7 @@ class Config:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate(f.name)
+        validate_stages(self.train, self.model, self.mask)  # train.stages against the model's tiling
         return self
 
     def _validate_tiling(self) -> None:

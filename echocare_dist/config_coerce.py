@@ -155,6 +155,33 @@ def _parse_list(raw: str, key: str) -> list:
     return value
 
 
+def _parse_records(raw: str, cls, key: str) -> list[dict]:
+    """`[{until_step: 100, img_size: 128}, {until_step: null}]` for a `tuple[Dataclass, ...]` field:
+    YAML's structure, then each value read with the type of its field like any `--set` text."""
+    import yaml
+    try:
+        value = yaml.load(raw, Loader=yaml.BaseLoader)
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise ConfigError(f"{key}: malformed list {raw!r} ({problem}); write it like [{{a: 1}}, {{a: 2}}]") from None
+    if not isinstance(value, list) or any(not isinstance(v, dict) for v in value):
+        raise ConfigError(f"{key}: expected a list of mappings like [{{a: 1}}, {{a: 2}}], got {raw!r}")
+    records = []
+    for i, record in enumerate(value):
+        parsed = {}
+        for name, text in record.items():
+            item_key = f"{key}[{i}].{name}"
+            if not isinstance(text, str):
+                raise ConfigError(f"{item_key}: expected a single value, got {text!r}")
+            parsed[name] = parse_text(text, field_type(cls, [name]) if name in _field_names(cls) else str, item_key)
+        records.append(parsed)
+    return records  # from_dict names unknown keys and checks the values
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 def parse_text(raw: str, tp, key: str):
     """The value of `--set key=raw` for a field annotated `tp`; the result still goes through
     `from_dict`, which checks ranges of Literal values and finiteness."""
@@ -173,6 +200,8 @@ def parse_text(raw: str, tp, key: str):
                 return arg
         return text  # from_dict names the allowed values (or a DEPRECATED_VALUES rename applies)
     if tp is tuple or origin is tuple:
+        if args and dataclasses.is_dataclass(args[0]):
+            return _parse_records(raw, args[0], key)
         items = _parse_list(raw, key)
         if not args:
             return items

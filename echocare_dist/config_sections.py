@@ -7,37 +7,15 @@ constant in code.
 """
 from __future__ import annotations
 
-import re
-import signal
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+# ConfigError / require / parse_device and TrainConfig (with train.stages) live in modules of their
+# own; imported here so every `from .config_sections import ...` keeps working.
+from .config_base import DEVICE_VOCABULARY, ConfigError, parse_device, require  # noqa: F401
+from .config_train import StageConfig, TrainConfig  # noqa: F401
 from .models.archs import UnknownArchError, swin_layout
 from .paths import DEFAULT_ONTOLOGY
-
-
-class ConfigError(ValueError):
-    """Raised for any invalid configuration; the message names the key and the value."""
-
-
-def require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
-DEVICE_VOCABULARY = "auto, cuda, cpu, cuda:N (a single process) or gpu (= cuda)"
-
-
-def parse_device(value, key: str, *, allow_index: bool = True) -> str:
-    """The one device vocabulary (echocare_dist/devices.py), canonical: 'auto' | 'cpu' | 'cuda' | 'cuda:N'."""
-    text = value.strip().lower() if isinstance(value, str) else ""
-    text = "cuda" if text == "gpu" else text
-    if text in ("auto", "cpu", "cuda"):
-        return text
-    if re.fullmatch(r"cuda:\d+", text):
-        require(allow_index, f"{key}={value!r}: a device index is not allowed here (use cuda)")
-        return f"cuda:{int(text[5:])}"
-    raise ConfigError(f"{key}={value!r}: expected {DEVICE_VOCABULARY}")
 
 
 @dataclass
@@ -355,73 +333,6 @@ class OptimConfig:
         require(self.eps > 0, f"{prefix}.eps must be positive, got {self.eps}")
         require(self.warmup_steps >= 0, f"{prefix}.warmup_steps must be >= 0, got {self.warmup_steps}")
         require(self.grad_clip >= 0, f"{prefix}.grad_clip must be >= 0, got {self.grad_clip}")
-
-
-@dataclass
-class TrainConfig:
-    run_dir: str = "runs/default"
-    steps: int = 1_000_000
-    micro_batch: int = 32              # per rank
-    grad_accum: int = 1
-    zero_stage: int = 2
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    seed: int = 0
-    deterministic: bool = False
-    log_every: int = 50
-    ckpt_every: int = 5000
-    keep_last: int = 3
-    image_every: int = 5000
-    resume: str = "auto"               # "auto" | "none" | path to a checkpoint dir
-    preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
-    requeue_exit_code: int = 124       # documented: trainer exits with this after a preemption checkpoint
-    # Step-control vote (train/control.py: preemption, peer failure, non-finite flags) every N steps;
-    # 10 keeps a SIGTERM's checkpoint far inside Slurm's 600 s signal lead (reasoning in control.py).
-    preempt_check_every: int = 10
-    max_bad_steps: int = 5             # consecutive skipped NaN/Inf steps before the run stops (exit code 3)
-    offload_optimizer: bool = False    # ZeRO-Offload of optimizer state to CPU (needs zero_stage >= 1)
-    dist_timeout_s: int = 1800
-    overlap_comm: bool = True          # overlap gradient reduction with backward (GPU only)
-    device: str = "auto"               # auto | cuda | cpu | cuda:N (one process); gpu = cuda; auto: $ECHOCARE_DEVICE, else CUDA if usable
-    # ZeRO bucket sizes in elements; 0 = derived from the model (train/optim.py: bucket_sizes).
-    reduce_bucket_size: int = 0
-    allgather_bucket_size: int = 0     # 0 = reduce_bucket_size (derived or set)
-    prefetch_bucket_size: int = 0      # ZeRO-3 parameter prefetch; 0 = reduce_bucket_size
-    peak_tflops: float = 0.0           # per device for MFU; 0 = GPU spec table, or measured on CPU
-    universal_workers: int = 2         # processes for the world-size-change checkpoint conversion
-    # Validation (train/validation.py, docs/validation.md) every N steps on data.val_shards; 0 = off.
-    # A validation step is also a log step: its figures join that step's metrics.jsonl record.
-    val_every: int = 1000
-    val_samples: int = 1024            # the fixed validation subset (all of a smaller val set)
-    val_batch: int = 0                 # per rank; 0 = micro_batch
-    val_seed: int = 0                  # the subset and its masks; independent of every training stream
-    val_knn_k: int = 10                # neighbours of the k-NN probe (never from the query's own group)
-    val_patience: int = 5              # warn after this many validations without a new best loss; 0 = never
-
-    def validate(self, prefix: str = "train") -> None:
-        require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage must be 0..3, got {self.zero_stage}")
-        for k in ("micro_batch", "grad_accum", "steps", "log_every", "ckpt_every", "image_every", "keep_last",
-                  "preempt_check_every", "max_bad_steps", "dist_timeout_s"):
-            require(getattr(self, k) > 0, f"{prefix}.{k} must be positive, got {getattr(self, k)}")
-        require(not self.offload_optimizer or self.zero_stage >= 1,
-                f"{prefix}.offload_optimizer=true needs {prefix}.zero_stage >= 1, got {self.zero_stage}")
-        require(self.requeue_exit_code not in (0, 1) and 0 < self.requeue_exit_code < 256,
-                f"{prefix}.requeue_exit_code must be in 2..255 (0/1 mean success/crash), "
-                f"got {self.requeue_exit_code}")
-        require(self.resume in ("auto", "none") or bool(self.resume.strip()),
-                f"{prefix}.resume must be 'auto', 'none' or a checkpoint directory, got {self.resume!r}")
-        for name in self.preempt_signals:
-            require(isinstance(name, str) and name in signal.Signals.__members__,
-                    f"{prefix}.preempt_signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
-        require(self.peak_tflops >= 0, f"{prefix}.peak_tflops must be >= 0, got {self.peak_tflops}")
-        parse_device(self.device, f"{prefix}.device")
-        for k in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
-            require(getattr(self, k) >= 0, f"{prefix}.{k} must be >= 0 (0 = derived), got {getattr(self, k)}")
-        require(self.universal_workers >= 1,
-                f"{prefix}.universal_workers must be >= 1, got {self.universal_workers}")
-        for k in ("val_every", "val_batch", "val_patience"):
-            require(getattr(self, k) >= 0, f"{prefix}.{k} must be >= 0, got {getattr(self, k)}")
-        for k in ("val_samples", "val_knn_k"):
-            require(getattr(self, k) >= 1, f"{prefix}.{k} must be >= 1, got {getattr(self, k)}")
 
 
 @dataclass

@@ -15,22 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+from finetune_helpers import exported  # noqa: F401 - fixtures are found by name
+
 from echocare_dist.config import load_config
 from echocare_dist.finetune.data import DataError
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    from echocare_dist.export import write_export
-    from echocare_dist.models import build_model
-    from echocare_dist.ontology import load_ontology
-
-    cfg = load_config("tiny_cpu")
-    onto = load_ontology(cfg.resolve_path(cfg.ontology.path))
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny export")
-    write_export(build_model(cfg.model, len(onto)).state_dict(), cfg, out)
-    return out / "encoder.safetensors"
 
 
 SIZES = [(37, 53), (90, 61), (128, 200), (75, 75), (160, 96)]

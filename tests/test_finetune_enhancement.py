@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from finetune_helpers import exported_with_heads  # noqa: F401 - fixtures are found by name
+
 from echocare_dist.config import load_config
 from echocare_dist.finetune.data import DataError
 from echocare_dist.finetune.tasks import enhancement as E
@@ -61,20 +63,6 @@ def test_degradation_is_seeded_and_lowers_the_scores():
     psnr, ssim = E.image_scores(a, clean)
     assert (psnr_same, ssim_same) == (100.0, pytest.approx(1.0))
     assert psnr < 30 and ssim < 0.9
-
-
-@pytest.fixture(scope="module")
-def exported_with_heads(tmp_path_factory) -> Path:
-    from echocare_dist.export import write_export
-    from echocare_dist.models import build_model
-    from echocare_dist.ontology import load_ontology
-
-    cfg = load_config("tiny_cpu")
-    onto = load_ontology(cfg.resolve_path(cfg.ontology.path))
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny export")
-    write_export(build_model(cfg.model, len(onto)).state_dict(), cfg, out, with_heads=True)
-    return out / "encoder.safetensors"
 
 
 @pytest.fixture

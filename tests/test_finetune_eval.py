@@ -11,20 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from finetune_helpers import exported  # noqa: F401 - fixtures are found by name
+
 from echocare_dist.config import load_config
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    from echocare_dist.export import write_export
-    from echocare_dist.models import build_model
-    from echocare_dist.ontology import load_ontology
-
-    cfg = load_config("tiny_cpu")
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("export")
-    write_export(build_model(cfg.model, len(load_ontology(cfg.resolve_path(cfg.ontology.path)))).state_dict(), cfg, out)
-    return out / "encoder.safetensors"
 
 
 def _speckle(rng, h, w, level) -> np.ndarray:
@@ -156,3 +145,56 @@ def test_evaluate_segmentation_reports_both_dice_conventions(tmp_path, exported)
         n_empty = final["empty_images"]
         assert final["lesion_images"] + n_empty == 4
     assert "dice_lesion" in summary["table"] and (tmp_path / "run" / "pretrained" / "overlays.png").is_file()
+
+
+def _arm(metric: str, value: float, lo: float, hi: float) -> list[dict]:
+    return [{metric: value, f"{metric}_ci": [lo, hi]}]
+
+
+@pytest.mark.parametrize("task, metric, tuned, base, word", [
+    ("landmarks", "mre", (3.0, 2.5, 3.5), (5.5, 5.2, 5.8), "beats"),          # errors: lower is better
+    ("landmarks", "mre", (5.4, 4.0, 6.0), (5.5, 5.2, 5.8), "a tie (95% CIs overlap)"),
+    ("landmarks", "mre", (8.0, 7.0, 9.0), (5.5, 5.2, 5.8), "it loses to"),
+    ("detection", "box_ap", (0.6, 0.55, 0.65), (0.2, 0.1, 0.3), "beats"),
+    ("detection", "box_ap", (0.25, 0.05, 0.45), (0.2, 0.1, 0.3), "a tie (95% CIs overlap)"),
+    ("detection", "box_ap", (0.05, 0.0, 0.08), (0.2, 0.1, 0.3), "it loses to"),
+])
+def test_verdict_says_beats_only_when_the_intervals_are_apart(task, metric, tuned, base, word):
+    from echocare_dist.finetune.evaluate import verdict
+
+    rows = {"pretrained": _arm(metric, *tuned), "random init": _arm(metric, tuned[0] * 1.5 if metric == "mre" else
+                                                                    tuned[0] / 2, 0.0, 99.0),
+            "reference": _arm(metric, *base)}
+    line = verdict(rows, task, "reference")
+    assert line.startswith(f"{metric}: best fine-tuned (pretrained) {tuned[0]:.3f} vs reference {base[0]:.3f}: ")
+    assert word in line and ("beats" in line) == (word == "beats")
+
+
+def test_verdict_over_folds_uses_mean_and_std_and_refuses_without_intervals():
+    from echocare_dist.finetune.evaluate import verdict
+
+    def folds(*values):
+        return [{"mre": v} for v in values]
+    apart = {"pretrained": folds(2.0, 2.2), "random init": folds(9.0, 9.0), "reference": folds(5.0, 5.4)}
+    assert "beats the pixel baseline (mean +- std over folds apart)" in verdict(apart, "landmarks", "reference")
+    close = {"pretrained": folds(4.0, 6.0), "random init": folds(9.0, 9.0), "reference": folds(5.0, 5.4)}
+    assert "a tie (mean +- std over folds overlap)" in verdict(close, "landmarks", "reference")
+    no_ci = {"pretrained": [{"mre": 1.0}], "random init": [{"mre": 2.0}], "reference": [{"mre": 5.0}]}
+    line = verdict(no_ci, "landmarks", "reference")
+    assert "no verdict" in line and "beats" not in line
+
+
+def test_table_leaves_out_a_metric_no_method_has():
+    from echocare_dist.finetune.evaluate import format_table
+
+    def final(ap, mask_ap):
+        return [dict(box_ap=ap, box_ap_ci=[ap - 0.1, ap + 0.1], box_ap50=ap, box_ap50_ci=[ap, ap],
+                     mask_ap=mask_ap, mask_ap_ci=[mask_ap, mask_ap], mask_ap50=mask_ap, mask_ap50_ci=[mask_ap, mask_ap])]
+    boxes_only = format_table({"pretrained": final(0.5, float("nan")), "mean box": final(0.2, float("nan"))},
+                              "detection", 1, "header")
+    head = [line for line in boxes_only.splitlines() if line.startswith("method")][0].split()
+    assert head == ["method", "box_ap", "box_ap50"] and "nan" not in boxes_only
+    with_masks = format_table({"pretrained": final(0.5, 0.4), "mean box": final(0.2, 0.1)}, "detection", 1, "header")
+    assert [line for line in with_masks.splitlines() if line.startswith("method")][0].split()[1:] == \
+        ["box_ap", "box_ap50", "mask_ap", "mask_ap50"]
+    assert "0.400 [0.400, 0.400]" in with_masks

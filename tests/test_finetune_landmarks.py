@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from finetune_helpers import exported, flat_image  # noqa: F401 - fixtures are found by name
 
 from echocare_dist.config import load_config
 from echocare_dist.finetune.data import DataError
@@ -17,28 +17,8 @@ from echocare_dist.finetune.tasks import landmarks as L
 from echocare_dist.synth.tasks import generate_task_sets
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    from echocare_dist.export import write_export
-    from echocare_dist.models import build_model
-    from echocare_dist.ontology import load_ontology
-
-    cfg = load_config("tiny_cpu")
-    onto = load_ontology(cfg.resolve_path(cfg.ontology.path))
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny export")
-    write_export(build_model(cfg.model, len(onto)).state_dict(), cfg, out)
-    return out / "encoder.safetensors"
-
-
-def _image(path: Path, w: int, h: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((h, w), 90, np.uint8)).save(path)
-    return path
-
-
 def test_csv_and_json_annotations_read_the_same_points(tmp_path):
-    _image(tmp_path / "a b.png", 40, 30)
+    flat_image(tmp_path / "a b.png", 40, 30)
     (tmp_path / "pts.csv").write_text("path,apex_x,apex_y,base_x,base_y,spacing\na b.png,3.5,4,39,29,0.2\n")
     names, rows = L.read_landmarks(tmp_path / "pts.csv", tmp_path)
     assert names == ["apex", "base"]
@@ -62,7 +42,7 @@ def test_csv_and_json_annotations_read_the_same_points(tmp_path):
     ("path,x1,y1,spacing\na.png,3,3,0\n", "spacing 0 must be positive"),
 ])
 def test_malformed_landmarks_name_the_file_and_line(tmp_path, text, message):
-    _image(tmp_path / "a.png", 40, 30)
+    flat_image(tmp_path / "a.png", 40, 30)
     (tmp_path / "pts.csv").write_text(text)
     with pytest.raises(DataError, match=message) as err:
         L.read_landmarks(tmp_path / "pts.csv", tmp_path)

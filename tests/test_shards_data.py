@@ -16,7 +16,16 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from echocare_dist.config import load_config
 from echocare_dist.synth.patterns import TEXT, sector_frame
+
+# deid off: these tests check the original paths in the manifest (test_curation_deid.py: deid on)
+OVERRIDES = ["curation.shard_max_samples=8", "curation.chunk_files=4", "curation.deid=false"]
+
+
+def curation_config(**kw):
+    """tiny_cpu with the shard builder tests' overrides and `curation.<k>=<v>` for each keyword."""
+    return load_config("tiny_cpu", OVERRIDES + [f"curation.{k}={v}" for k, v in kw.items()])
 
 
 def to_rgb(gray: np.ndarray, tint=(1.0, 0.95, 0.9)) -> np.ndarray:

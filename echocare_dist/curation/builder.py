@@ -35,13 +35,13 @@ import numpy as np
 from ..atomic import _fsync_dir, atomic_write_json, file_sha256
 from ..config import Config, save_resolved
 from ..ontology import Ontology
-from ..shardfmt import MANIFEST, SHARD_RE, Manifest, ShardEntry, ShardError, ShardWriter, keys_digest, shard_name
+from ..shardfmt import MANIFEST, SHARD_RE, Manifest, ShardError, ShardWriter, keys_digest, shard_name
 from . import deid as deidmod
 from . import valsplit
 from .conflicts import relabel
 from .inputs import Inputs, build_fingerprint, collect_inputs  # noqa: F401  (Inputs: re-exported)
 from .mapping import Source, load_mappings
-from .outdir import CurationError, build_lock, damaged_shards, keep_intact_shards
+from .outdir import CurationError, build_lock, damaged_shards, keep_intact_shards, shard_entries
 from .shard_plan import REJECT_REASONS, Plan, plan_shards  # noqa: F401  (REJECT_REASONS: re-exported)
 from .stage import ChunkTask, init_worker, stage_chunk
 
@@ -270,8 +270,7 @@ def _build(sources: list[Source], out_dir: Path, cfg: Config, ontology: Ontology
         ontology_nodes=len(ontology),
         ontology_names=list(ontology.names),
         num_samples=int(sum(r["samples"] for r in records)),
-        shards=[ShardEntry(*(r.get(k) for k in ("name", "samples", "bytes", "sha256", "keys_sha256",
-                                                 "idx_sha256"))) for r in records],
+        shards=shard_entries(records),
         per_source=plan.per_source,
         per_node=plan.per_node,
         rejected=plan.rejected,

@@ -12,6 +12,8 @@ may still have been damaged since (a truncated copy, a rewritten index). Always 
 every tar and index exists, the tar has the size the manifest recorded, the index (small) has the
 recorded SHA-256. With `--verify` also each tar's full SHA-256 (a read of every byte). A damaged
 shard is rewritten from a fresh staging pass; the intact ones are kept as they are.
+Records (one JSON per written shard in the staging folder) and manifest entries are converted
+here both ways (`keep_intact_shards`, `shard_entries`), for the main and the validation shards.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_write_json, file_sha256
-from ..shardfmt import Manifest, index_text
+from ..shardfmt import Manifest, ShardEntry, index_text
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +109,9 @@ def keep_intact_shards(records_dir: Path, manifest: Manifest, damaged: dict[str,
     for entry in manifest.shards:
         if entry.name not in damaged and entry.idx_sha256 is not None:
             atomic_write_json(records_dir / f"{Path(entry.name).stem}.json", entry.to_dict())
+
+
+def shard_entries(records: list[dict]) -> list[ShardEntry]:
+    """The manifest entries of the write stage's records (the inverse of the records written above)."""
+    return [ShardEntry(*(r.get(k) for k in ("name", "samples", "bytes", "sha256", "keys_sha256", "idx_sha256")))
+            for r in records]

@@ -31,9 +31,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..atomic import atomic_write_json
-from ..shardfmt import MANIFEST, Manifest, ShardEntry, ShardError, read_index
+from ..shardfmt import MANIFEST, Manifest, ShardError, read_index
 from .neardup import NearDuplicateIndex
-from .outdir import damaged_shards, keep_intact_shards
+from .outdir import damaged_shards, keep_intact_shards, shard_entries
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,7 @@ def write_held_out(out_dir: Path, shards: Sequence[np.ndarray], write_shards: Ca
             entry.unlink(missing_ok=True)
     write_groups(target, [r["name"] for r in records], shards, group_of)
     manifest = Manifest(num_samples=int(sum(r["samples"] for r in records)),
-                        shards=[ShardEntry(*(r.get(k) for k in ("name", "samples", "bytes", "sha256", "keys_sha256",
-                                                                 "idx_sha256"))) for r in records],
+                        shards=shard_entries(records),
                         per_source=per_source, per_node=per_node, rejected={}, **base)
     manifest.write(target)
     return manifest

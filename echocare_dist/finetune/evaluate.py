@@ -56,7 +56,9 @@ def _cell(finals: list[dict], metric: str) -> str:
 
 
 def format_table(rows: dict[str, list[dict]], task: str, folds: int, header: str) -> str:
-    metrics = SHOWN[task]
+    # a metric no row has (detection's mask AP without mask annotations) is left out, not shown as NaN
+    metrics = [m for m in SHOWN[task] if any(not math.isnan(f.get(m, math.nan)) for fs in rows.values() for f in fs)] \
+        or list(SHOWN[task])
     name_w = max(len(n) for n in rows) + 2
     cells = {n: [_cell(f, m) for m in metrics] for n, f in rows.items()}
     col_w = [max(len(m), *(len(c[i]) for c in cells.values())) + 2 for i, m in enumerate(metrics)]
@@ -68,7 +70,19 @@ def format_table(rows: dict[str, list[dict]], task: str, folds: int, header: str
     return "\n".join(lines)
 
 
+def interval(finals: list[dict], metric: str) -> tuple[float, float]:
+    """The 95% bootstrap CI of one split, or mean +- std over folds (NaN when not computed)."""
+    if len(finals) == 1:
+        lo, hi = finals[0].get(f"{metric}_ci", [math.nan, math.nan])
+        return float(lo), float(hi)
+    agg = aggregate(finals, (metric,))[metric]
+    return agg["mean"] - agg["std"], agg["mean"] + agg["std"]
+
+
 def verdict(rows: dict[str, list[dict]], task: str, baseline_name: str) -> str:
+    """"beats" only when the best fine-tuned arm's interval lies wholly on the better side of the
+    baseline's (below it for errors), "loses" when wholly on the worse side, else a tie: a margin
+    inside overlapping CIs is not a result."""
     metric = DEFAULT_MONITOR[task]
     lower = metric in M.LOWER_IS_BETTER
     score = {n: aggregate(f, (metric,))[metric]["mean"] for n, f in rows.items()}
@@ -76,12 +90,17 @@ def verdict(rows: dict[str, list[dict]], task: str, baseline_name: str) -> str:
     if not tuned or math.isnan(score[baseline_name]):
         return f"{metric}: not comparable (undefined on this validation set)"
     best = min(tuned, key=tuned.get) if lower else max(tuned, key=tuned.get)
-    margin = (score[baseline_name] - tuned[best]) if lower else (tuned[best] - score[baseline_name])
+    (t_lo, t_hi), (b_lo, b_hi) = interval(rows[best], metric), interval(rows[baseline_name], metric)
+    how = "95% CIs" if len(rows[best]) == 1 else "mean +- std over folds"
     head = f"{metric}: best fine-tuned ({best}) {tuned[best]:.3f} vs {baseline_name} {score[baseline_name]:.3f}: "
-    if margin > 1e-9:
-        return head + "the fine-tuned model beats the pixel baseline"
-    return head + ("a tie with " if abs(margin) <= 1e-9 else "it loses to ") + (
-        "the pixel baseline: read this as a problem of the recipe (epochs, lr, img_size, balance, augmentation) "
+    if any(math.isnan(v) for v in (t_lo, t_hi, b_lo, b_hi)):
+        return head + f"no {how} to compare (finetune.bootstrap=0 or too few images): no verdict"
+    better, worse = (t_hi < b_lo, t_lo > b_hi) if lower else (t_lo > b_hi, t_hi < b_lo)
+    if better:
+        return head + f"the fine-tuned model beats the pixel baseline ({how} apart)"
+    outcome = "it loses to" if worse else f"a tie ({how} overlap) with"
+    return head + outcome + (
+        " the pixel baseline: read this as a problem of the recipe (epochs, lr, img_size, balance, augmentation) "
         "or of too little / too easy data, not as a result")
 
 

@@ -178,7 +178,7 @@ class Finetuner:
         self.model = build_task_model(ft.task, encoder, self.num_outputs, frozen=not full,
                                       decoder_dim=self.decoder_dim).to(self.device)
         if self.spec is not None:
-            self.spec.init_head(self.model, weights_path, ft.init)
+            self.spec.init_head(self.model, weights_path, ft.init, task)
         self.groups = param_groups(self.model, ft.weight_decay, ft.layer_decay)
         self.optimizer = torch.optim.AdamW(self.groups, lr=ft.lr)
         self.steps_per_epoch = len(self.train_loader)

@@ -37,6 +37,37 @@ def create_encoder(model_cfg: ModelConfig) -> nn.Module:
     return timm.create_model(**encoder_kwargs(model_cfg))
 
 
+def set_encoder_input_size(encoder: nn.Module, img_size: int, window_size: int) -> None:
+    """Switch a built timm Swin to square inputs of `img_size` (the progressive schedule,
+    train/stages.py), changing buffers only: the attention masks and the token-grid bookkeeping.
+
+    A parameter depends on the input size only through a window that timm shrinks to a smaller
+    grid (the relative-position bias table is (2w-1)^2 x heads). Such a change is refused before
+    anything is touched: under ZeRO-3 the partitioned parameters cannot be replaced mid-run, and
+    the optimizer would keep the old tensors."""
+    grid = img_size // encoder.patch_embed.patch_size[0]
+    for s, stage in enumerate(encoder.layers):
+        out = -(-grid // 2 ** s)  # timm rounds an odd grid up at each patch merging
+        wanted = (min(window_size, out),) * 2
+        for b, block in enumerate(stage.blocks):
+            if tuple(block.attn.window_size) != wanted:
+                raise ValueError(
+                    f"input size {img_size}: Swin stage {s} would run {wanted[0]}x{wanted[1]} windows on its "
+                    f"{out}x{out} grid, block {b} was built for {block.attn.window_size[0]}x"
+                    f"{block.attn.window_size[1]}; that would resize its relative-position parameters")
+    before = _parameter_layout(encoder)
+    encoder.set_input_size(img_size=(img_size, img_size), window_size=window_size)
+    after = _parameter_layout(encoder)
+    if after != before:
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        raise RuntimeError(f"switching the encoder to {img_size} px changed parameters {changed[:5]}")
+
+
+def _parameter_layout(module: nn.Module) -> dict[str, tuple]:
+    """name -> (object id, full shape); ZeRO-3 keeps a partitioned parameter's shape in ds_shape."""
+    return {name: (id(p), tuple(getattr(p, "ds_shape", p.shape))) for name, p in module.named_parameters()}
+
+
 def stage_dims(model_cfg: ModelConfig) -> list[int]:
     """Channel width of each stage output (Swin doubles it at every patch merging)."""
     layout = swin_layout(model_cfg)

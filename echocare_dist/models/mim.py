@@ -12,7 +12,7 @@ from ..config import ModelConfig
 from ..ontology import Ontology
 from .anatomy import AnatomyPrediction, anatomy_from_logits
 from .decoders import build_decoder
-from .encoder import create_encoder, run_stages, stage_dims
+from .encoder import create_encoder, run_stages, set_encoder_input_size, stage_dims
 from .hpm import LossPredictor
 
 
@@ -47,6 +47,9 @@ class EchoCareMIM(nn.Module):
         self.patch_size = model_cfg.patch_size
         self.img_size = model_cfg.img_size
         self.in_chans = model_cfg.in_chans
+        self.window_size = model_cfg.window_size
+        # Pixels per mask unit of the hpm predictor's grid; the grid follows the input size.
+        self.mask_unit = model_cfg.img_size // hpm_units if hpm_units else 0
         dims = stage_dims(model_cfg)
 
         self.encoder = create_encoder(model_cfg)
@@ -67,6 +70,18 @@ class EchoCareMIM(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each Swin block in backward instead of keeping its activations."""
         self.encoder.set_grad_checkpointing(enable)
+
+    def set_input_size(self, img_size: int) -> None:
+        """Train on square images of `img_size` from now on (train.stages). Buffers only: raises
+        ValueError, before changing anything, when a parameter would have to change shape."""
+        if img_size <= 0 or img_size % self.patch_size:
+            raise ValueError(f"input size {img_size} is not a positive multiple of the patch size {self.patch_size}")
+        if self.mask_unit and img_size % self.mask_unit:
+            raise ValueError(f"input size {img_size} is not a whole number of {self.mask_unit}-px mask units")
+        set_encoder_input_size(self.encoder, img_size, self.window_size)
+        self.img_size = img_size
+        if self.loss_predictor is not None:
+            self.loss_predictor.units_per_side = img_size // self.mask_unit
 
     def _check_inputs(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         expected = (self.in_chans, self.img_size, self.img_size)

@@ -6,8 +6,9 @@ generator already draws (their lesion masks are exact, so the annotations are to
   landmarks/images/*.png + landmarks.csv   path,top_x,top_y,bottom_x,bottom_y,left_x,left_y,right_x,right_y,spacing:
                                            the extreme points of the largest lesion (pixel centres),
                                            spacing = imaged depth / image height in mm per pixel
-  detection/images/*.png + boxes.csv       path,x1,y1,x2,y2,label: one box per lesion (connected
-                                           component, pixel edges); normal scans appear with empty cells
+  detection/images/*.png + boxes.csv       path,x1,y1,x2,y2,label,mask: one box per lesion (connected
+                                           component, pixel edges); normal scans appear with empty cells;
+  detection/masks/*.png                    mask = the kept lesions (0/255): each box's instance mask
   enhancement/high/*.png, low/*.png        the same scan as rendered, and blurred + extra speckle
 `echocare synth --tasks N` writes them under OUT/tasks/. Image sizes vary (not square) so the
 resizing to the training size is exercised.
@@ -85,13 +86,16 @@ def generate_task_sets(out_dir: Path, num_images: int, seed: int = 0, min_size: 
         pixels, name = frame.pixels, f"scan_{i:03d}.png"
         components = lesion_components(frame.mask)
         write_image(out_dir / "detection" / "images" / name, pixels, "png", 90)
+        # only the kept lesions: a dropped sliver would be foreground without a box
+        lesions = np.any(components, axis=0) if components else np.zeros(pixels.shape[:2], bool)
+        write_image(out_dir / "detection" / "masks" / name, lesions.astype(np.uint8) * 255, "png", 90)
         if components:
             for comp in components:
                 ys, xs = np.nonzero(comp)
                 box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)  # pixel edges
-                box_rows.append([f"images/{name}", *map(str, box), "lesion"])
+                box_rows.append([f"images/{name}", *map(str, box), "lesion", f"masks/{name}"])
         else:
-            box_rows.append([f"images/{name}", "", "", "", "", ""])
+            box_rows.append([f"images/{name}", "", "", "", "", "", ""])
         counts["detection"] += 1
         if components:
             write_image(out_dir / "landmarks" / "images" / name, pixels, "png", 90)
@@ -105,5 +109,5 @@ def generate_task_sets(out_dir: Path, num_images: int, seed: int = 0, min_size: 
     header = ["path"] + [f"{p}_{axis}" for p in POINTS for axis in ("x", "y")] + ["spacing"]
     atomic_write_text(out_dir / "landmarks" / "landmarks.csv", _csv_text(header, landmark_rows))
     atomic_write_text(out_dir / "detection" / "boxes.csv",
-                      _csv_text(["path", "x1", "y1", "x2", "y2", "label"], box_rows))
+                      _csv_text(["path", "x1", "y1", "x2", "y2", "label", "mask"], box_rows))
     return counts

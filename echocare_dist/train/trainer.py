@@ -38,6 +38,7 @@ from .metrics import MetricsFile, Window, memory_gb
 from .optim import global_batch, scaled_lr
 from .preemption import Preempted, PreemptionHandler
 from .sample_log import wrap_from_env
+from .stages import StageSchedule
 from .step import DS_CONFIG_FILE, Components, StepResult, build_components, train_step
 from .validation import Validator
 
@@ -83,6 +84,7 @@ class Pretrainer:
         self.tracker = Tracker(False)         # the run's own once setup() has started it
         self.components: Components | None = None
         self.validator: Validator | None = None  # train.val_every on the held-out shards (validation.py)
+        self.stages = StageSchedule(cfg, env, self.run_dir)  # train.stages (stages.py)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -104,6 +106,8 @@ class Pretrainer:
         c.loader = wrap_from_env(c.loader, env.rank)  # $ECHOCARE_SAMPLE_LOG: the keys each rank trained on
         if plan is not None:
             self._restore(plan)  # last: nothing may draw from the restored RNG streams before step 1
+        # The stage of the next step (a pure function of it): a resume inside a stage continues it.
+        self.stages.enter(c, self.step + 1)  # draws from no RNG stream
         self.control = StepControl(cfg.train.preempt_check_every, cfg.train.max_bad_steps, self.preempt,
                                    first_step=self.step + 1)
         self.control.peer_failure = self.peer_failure
@@ -226,6 +230,8 @@ class Pretrainer:
         while self.step < t.steps:
             step = self.step + 1
             self.faults.before_step(step)
+            with window.excluded():
+                self.stages.enter(self.components, step)  # a no-op inside a stage
             result = train_step(self.components, nan_loss=self.faults.nan_loss(step))
             window.add(result.loss, result.mim, result.hie, result.data_wait_s)
             self.step = step
@@ -237,9 +243,10 @@ class Pretrainer:
             control.record(step, result.skipped, detail)
             validation = None
             if self.validator is not None and self.step % t.val_every == 0:
-                with window.excluded():
+                with window.excluded(), self.stages.at_model_size(self.components):
                     validation = self.validator.run(self.components, self.step)
-            if self.step % t.log_every == 0 or self.step == t.steps or validation:
+            if (self.step % t.log_every == 0 or self.step == t.steps or validation
+                    or self.stages.is_last_step(self.step)):  # a log window never spans two stages
                 self._log(window, result.lr, validation)
             if self.step % t.image_every == 0:
                 with window.excluded():
@@ -289,6 +296,7 @@ class Pretrainer:
             "loader_bad_samples": c.loader.bad_samples,
             "loader_quarantined": len(c.loader.quarantined),
             "bad_steps": self.control.bad_total if self.control is not None else 0,
+            "stage": self.stages.current.index, "img_size": self.stages.current.img_size,
         }
         record["mfu"] = record["tflops_per_device"] / c.peak_tflops
         if c.miner is not None:  # mask.strategy=hpm: this rank's last ranking loss and mined share

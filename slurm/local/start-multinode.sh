@@ -25,18 +25,14 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STATE="${1:-${ECHOCARE_SLURM_DIR:-/tmp/echocare-slurm-multi}}"
 NODES="${2:-2}"
-CTLD_PORT="${ECHOCARE_SLURM_PORT:-6817}"
-SLURMD_PORT="$((CTLD_PORT + 1))"
-SUBNET="${ECHOCARE_SLURM_SUBNET:-10.$((200 + CTLD_PORT / 256 % 50)).$((CTLD_PORT % 256))}"
-CPUS="${ECHOCARE_SLURM_CPUS:-$(nproc)}"
-TIMEOUT="${ECHOCARE_SLURM_TIMEOUT:-90}"
-HOST="$(hostname -s)"
-CTLD_ADDR="$SUBNET.1"
-BRIDGE="ecbr$CTLD_PORT"
-
 log() { echo "[slurm-multinode] $*" >&2; }
 # shellcheck source=SCRIPTDIR/common.sh
 . "$HERE/common.sh"
+cluster_settings
+SUBNET="${ECHOCARE_SLURM_SUBNET:-10.$((200 + CTLD_PORT / 256 % 50)).$((CTLD_PORT % 256))}"
+CTLD_ADDR="$SUBNET.1"
+BRIDGE="ecbr$CTLD_PORT"
+
 die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, slurmd, munged as user munge)"
@@ -60,18 +56,7 @@ node_name() { echo "node$1"; }
 node_addr() { echo "$SUBNET.$((10 + $1))"; }
 netns_name() { echo "echocare-$CTLD_PORT-node$1"; }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-
 idle_nodes() { sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l; }
-
-print_logs() {
-    local f
-    for f in "$STATE"/log/*.log; do
-        [ -f "$f" ] || continue
-        log "----- $f (last 30 lines) -----"
-        tail -n 30 "$f" >&2
-    done
-}
 
 healthy() {
     local i
@@ -90,7 +75,7 @@ if [ -d "$STATE/run" ]; then
     "$HERE/stop-multinode.sh" "$STATE" || true
 fi
 
-fail() { log "error: $*"; print_logs; "$HERE/stop-multinode.sh" "$STATE" >&2 || true; exit 1; }
+fail() { log "error: $*"; print_logs 30; "$HERE/stop-multinode.sh" "$STATE" >&2 || true; exit 1; }
 
 prepare_state
 
@@ -142,12 +127,7 @@ sed -e "s|@STATE@|$STATE|g" -e "s|@HOST@|$HOST|g" -e "s|@CTLD_ADDR@|$CTLD_ADDR|g
 mv -f "$SLURM_CONF.tmp" "$SLURM_CONF"
 
 # ------------------------------------------------------------------ daemons
-log "starting munged"
-runuser -u munge -- munged --socket="$STATE/munge/munge.socket" --key-file="$STATE/munge/munge.key" \
-    --log-file="$STATE/log/munged.log" --pid-file="$STATE/run/munged.pid" \
-    --seed-file="$STATE/munge/munged.seed" || fail "munged did not start"
-for _ in $(seq 50); do [ -S "$STATE/munge/munge.socket" ] && break; sleep 0.1; done
-[ -S "$STATE/munge/munge.socket" ] || fail "munged socket did not appear"
+start_munged
 
 log "starting slurmctld on $HOST ($CTLD_ADDR:$CTLD_PORT)"
 slurmctld -f "$SLURM_CONF" || fail "slurmctld did not start"

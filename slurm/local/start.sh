@@ -17,17 +17,13 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STATE="${1:-${ECHOCARE_SLURM_DIR:-/tmp/echocare-slurm}}"
-CTLD_PORT="${ECHOCARE_SLURM_PORT:-6817}"
-SLURMD_PORT="$((CTLD_PORT + 1))"
-CPUS="${ECHOCARE_SLURM_CPUS:-$(nproc)}"
-TIMEOUT="${ECHOCARE_SLURM_TIMEOUT:-90}"
-HOST="$(hostname -s)"
-# The node talks to itself over loopback: the host name need not resolve.
-ADDR=127.0.0.1
-
 log() { echo "[slurm-local] $*" >&2; }
 # shellcheck source=SCRIPTDIR/common.sh
 . "$HERE/common.sh"
+cluster_settings
+# The node talks to itself over loopback: the host name need not resolve.
+ADDR=127.0.0.1
+
 die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (slurmd launches jobs as their owner; munged runs as user munge)"
@@ -61,18 +57,7 @@ id munge >/dev/null 2>&1 || die "user 'munge' does not exist (is the munge packa
 
 export SLURM_CONF="$STATE/slurm.conf"
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-
 node_state() { sinfo -h -n "$HOST" -o '%t' 2>/dev/null | head -n1; }
-
-print_logs() {
-    local f
-    for f in "$STATE"/log/*.log; do
-        [ -f "$f" ] || continue
-        log "----- $f (last 40 lines) -----"
-        tail -n 40 "$f" >&2
-    done
-}
 
 if pid_alive "$STATE/run/munged.pid" && pid_alive "$STATE/run/slurmctld.pid" && pid_alive "$STATE/run/slurmd.pid" \
         && [ -n "$(node_state)" ]; then
@@ -95,14 +80,9 @@ sed -e "s|@STATE@|$STATE|g" -e "s|@HOST@|$HOST|g" -e "s|@ADDR@|$ADDR|g" \
     "$HERE/slurm.conf.in" >"$SLURM_CONF.tmp"
 mv -f "$SLURM_CONF.tmp" "$SLURM_CONF"
 
-fail() { log "error: $*"; print_logs; "$HERE/stop.sh" "$STATE" >&2 || true; exit 1; }
+fail() { log "error: $*"; print_logs 40; "$HERE/stop.sh" "$STATE" >&2 || true; exit 1; }
 
-log "starting munged"
-runuser -u munge -- munged --socket="$STATE/munge/munge.socket" --key-file="$STATE/munge/munge.key" \
-    --log-file="$STATE/log/munged.log" --pid-file="$STATE/run/munged.pid" \
-    --seed-file="$STATE/munge/munged.seed" || fail "munged did not start"
-for _ in $(seq 50); do [ -S "$STATE/munge/munge.socket" ] && break; sleep 0.1; done
-[ -S "$STATE/munge/munge.socket" ] || fail "munged socket did not appear"
+start_munged
 
 log "starting slurmctld and slurmd (node $HOST, $CPUS CPUs, ${mem_mb} MB, ports $CTLD_PORT/$SLURMD_PORT)"
 slurmctld -f "$SLURM_CONF" || fail "slurmctld did not start"

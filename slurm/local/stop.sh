@@ -16,18 +16,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 [ -d "$STATE/run" ] || { log "nothing to stop in $STATE"; exit 0; }
 
-if [ -n "$(daemon_pid "$STATE/run/slurmctld.pid" slurmctld)" ] && [ -f "$SLURM_CONF" ]; then
-    jobs="$(squeue -h -o '%i' 2>/dev/null | tr '\n' ' ')"
-    if [ -n "${jobs// /}" ]; then
-        log "cancelling jobs: $jobs"
-        # shellcheck disable=SC2086  # one argument per job id
-        scancel $jobs 2>/dev/null
-        for _ in $(seq 30); do
-            [ -z "$(squeue -h -o '%i' 2>/dev/null)" ] && break
-            sleep 1
-        done
-    fi
-fi
+cancel_jobs
 
 stop_daemon "$STATE/run/slurmd.pid" slurmd
 stop_daemon "$STATE/run/slurmctld.pid" slurmctld

@@ -64,9 +64,9 @@ class TaskSpec(ABC):
         """Width of the dense head's decoder."""
         return ft.seg_decoder_dim
 
-    def init_head(self, model, export_weights: Path, init: str) -> None:
-        """Start the head from weights the export carries, or set its prior; the default keeps the
-        decoder's own initialisation."""
+    def init_head(self, model, export_weights: Path, init: str, task) -> None:
+        """Start the head from weights the export carries, or set its prior (`task`: the TaskData);
+        the default keeps the decoder's own initialisation."""
         return None
 
 

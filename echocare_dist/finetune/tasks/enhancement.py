@@ -144,7 +144,7 @@ class EnhancementTask(TaskSpec):
         model = encoder_meta.get("model") or {}
         return int(model["decoder_dim"]) if model.get("decoder") == "multiscale" else ft.seg_decoder_dim
 
-    def init_head(self, model, export_weights: Path, init: str) -> None:
+    def init_head(self, model, export_weights: Path, init: str, task) -> None:
         heads = Path(export_weights).parent / "heads.safetensors"
         if init != "pretrained" or not heads.is_file():
             return

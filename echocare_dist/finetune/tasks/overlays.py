@@ -46,11 +46,23 @@ def points_png(items, names: list[str], path: Path, tile: int = 192) -> Path:
     return _sheet(tiles, path)
 
 
-def boxes_png(items, class_names: list[str], path: Path, tile: int = 192) -> Path:
-    """items: (gray, true boxes (N, 5: x1 y1 x2 y2 class), predicted (M, 6: + score), caption)."""
+def _contours(img: np.ndarray, masks, colour) -> None:
+    """Outlines of boolean masks of the original image, drawn on its tile."""
+    for m in masks:
+        small = cv2.resize(m.astype(np.uint8), img.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+        found, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(img, found, -1, colour, 1, cv2.LINE_AA)
+
+
+def boxes_png(items, class_names: list[str], path: Path, tile: int = 192, masks=None) -> Path:
+    """items: (gray, true boxes (N, 5: x1 y1 x2 y2 class), predicted (M, 6: + score), caption);
+    masks: per item (true masks, predicted masks), boolean arrays of the original image, outlined."""
     tiles = []
-    for gray, truth, pred, caption in items:
+    for n, (gray, truth, pred, caption) in enumerate(items):
         img, sx, sy = _tile(gray, tile)
+        if masks is not None:
+            _contours(img, masks[n][0], TRUE)
+            _contours(img, masks[n][1], PRED)
         for boxes, colour in ((truth, TRUE), (pred, PRED)):
             for b in boxes:
                 p1 = (int(round(b[0] * sx)), int(round(b[1] * sy)))
