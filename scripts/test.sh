@@ -22,7 +22,7 @@ for arg in "$@"; do
     fi
 done
 set +e
-.venv/bin/python -m pytest -p no:cacheprovider --timeout=1200 ${args[@]+"${args[@]}"}
+.venv/bin/python -m pytest -p no:cacheprovider --timeout=1200 --durations=25 ${args[@]+"${args[@]}"}
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
