@@ -2,7 +2,8 @@
 - an interrupted hpm run resumes bit-exactly (the mined masks are a pure function of the run);
 - before the ramp starts it trains on exactly the random masks (same L_MIM as strategy=random),
   and it logs the mined share and the predictor's ranking loss;
-- 2 ranks under ZeRO-3 with the DALI reader train, and the export leaves the predictor out.
+- 2 ranks under ZeRO-3 with the DALI reader train, and the export leaves the predictor out;
+- ZeRO-0 and ZeRO-1 train with hpm on.
 About 3-4 minutes on the 2-core machine."""
 from __future__ import annotations
 
@@ -57,3 +58,11 @@ def test_hpm_on_two_ranks_zero3_with_dali_and_the_export_drops_the_predictor(tmp
         heads = list(f.keys())
     assert heads and not any(k.startswith("loss_predictor.") for k in heads), heads
     assert sum(p.numel() for p in load_encoder(out / ENCODER_FILE).parameters()) > 0
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_hpm_trains_under_zero_stages_0_and_1(tmp_path, tiny_shards, stage):
+    # Stages 2 and 3 run above; the mining pass goes through the engine's forward at every stage.
+    rows = tl.metrics(_run(tmp_path, tiny_shards, f"zero{stage}", HPM + [f"train.zero_stage={stage}"], steps=2))
+    assert [m["step"] for m in rows] == [1, 2] and rows[-1]["hpm_share"] == 0.25
+    assert all(math.isfinite(m["loss"]) and m["hpm_rank_loss"] > 0 for m in rows)
